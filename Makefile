@@ -1,0 +1,33 @@
+# The two commands of the README:
+#   make reproduce   -> set up .venv (pinned), then `dvc repro` (profile from params.yaml, default cpu)
+#   make test        -> set up .venv (pinned), then ruff + pytest (unit, multi-process, nbval on every notebook)
+# Everything else here is plumbing for those two.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Tools from the venv first (dvc stages call papermill/python); never reach the HF hub.
+export PATH := $(BIN):$(PATH)
+export HF_DATASETS_OFFLINE := 1
+export HF_HUB_OFFLINE := 1
+export PYTHONHASHSEED := 0
+export MPLBACKEND := Agg
+
+.PHONY: reproduce test
+reproduce: $(STAMP)
+	$(BIN)/dvc repro
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -p no:cacheprovider tests notebooks --nbval-lax --durations=15
+
+# (Re)install when the lock or the package metadata changes. torch is pinned inside the lock, in the
+# same pip call, so a CPU machine never resolves a CUDA build.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@

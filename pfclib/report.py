@@ -1,0 +1,75 @@
+"""What every notebook does at its end: save figures and a metrics JSON, and check them.
+
+Keeping this in the library (not in copied cells) means every stage writes its outputs the same
+way: atomically, with finite numbers only, and a final check that cannot pass on an empty file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pfclib.io import atomic_path, write_json
+
+
+def _finite_leaves(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Flatten nested dicts/lists to (dotted key, number) pairs."""
+    out: list[tuple[str, float]] = []
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out += _finite_leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            out += _finite_leaves(v, f"{prefix}[{i}]")
+    elif isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        pass
+    elif isinstance(obj, int | float):
+        out.append((prefix, float(obj)))
+    else:
+        raise TypeError(
+            f"metric {prefix!r} has type {type(obj).__name__}; expected numbers, strings, dicts, lists"
+        )
+    return out
+
+
+def save_metrics(path: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
+    """Write ``metrics`` as JSON atomically after checking every number is finite."""
+    leaves = _finite_leaves(metrics)
+    if not leaves:
+        raise ValueError(f"metrics for {path} contain no numbers: {metrics!r}")
+    bad = [k for k, v in leaves if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"non-finite metrics {bad} for {path}")
+    write_json(path, dict(metrics))
+    return Path(path)
+
+
+def check_metrics(path: str | os.PathLike, required: list[str] | None = None) -> dict[str, Any]:
+    """Load a metrics file and assert it exists, has numbers, all finite, and the ``required`` dotted keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise AssertionError(f"metrics file {path} was not written")
+    metrics = json.loads(path.read_text())
+    leaves = dict(_finite_leaves(metrics))
+    assert leaves, f"{path} holds no numbers"
+    bad = [k for k, v in leaves.items() if not math.isfinite(v)]
+    assert not bad, f"{path}: non-finite values at {bad}"
+    missing = [
+        k
+        for k in (required or [])
+        if k not in leaves and not any(x.startswith((k + ".", k + "[")) for x in leaves)
+    ]
+    assert not missing, f"{path}: missing metrics {missing}"
+    return metrics
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure (PNG or SVG by suffix) atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    return path

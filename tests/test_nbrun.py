@@ -1,0 +1,41 @@
+import pytest
+import yaml
+
+from pfclib.nbrun import stage_parameters
+from pfclib.paths import repo_root
+
+
+def write(tmp_path, obj):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(obj))
+    return path
+
+
+def test_profile_selects_the_block_and_common_is_merged(tmp_path, monkeypatch):
+    monkeypatch.delenv("PFCLIB_PROFILE", raising=False)
+    p = write(tmp_path, {"profile": "cpu", "s": {"common": {"a": 1, "b": 2}, "cpu": {"b": 3}, "gpu": {"b": 4}}})
+    assert stage_parameters("s", p) == {"a": 1, "b": 3, "profile": "cpu"}
+    assert stage_parameters("s", p, profile="gpu")["b"] == 4
+    monkeypatch.setenv("PFCLIB_PROFILE", "gpu")
+    assert stage_parameters("s", p)["b"] == 4
+
+
+def test_bad_profile_and_section_are_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("PFCLIB_PROFILE", raising=False)
+    p = write(tmp_path, {"profile": "tpu", "s": {"cpu": {}, "gpu": {}}})
+    with pytest.raises(ValueError, match="profile must be one of .* got 'tpu'"):
+        stage_parameters("s", p)
+    p = write(tmp_path, {"profile": "cpu", "s": {"gpu": {}}})
+    with pytest.raises(KeyError, match="section 'other' not found"):
+        stage_parameters("other", p)
+    with pytest.raises(KeyError, match="has no 'cpu' profile"):
+        stage_parameters("s", p)
+
+
+def test_repository_params_have_both_profiles_for_every_stage():
+    params = yaml.safe_load((repo_root() / "params.yaml").read_text())
+    assert params["profile"] == "cpu", "the committed default profile must be the CPU one"
+    for name, block in params.items():
+        if name == "profile":
+            continue
+        assert {"cpu", "gpu"} <= set(block), f"params.yaml section {name!r} needs cpu and gpu profiles"
