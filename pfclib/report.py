@@ -73,3 +73,14 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     return path
+
+
+VERDICTS = ("reproduced", "not reproduced", "partly reproduced", "inconclusive")
+
+
+def headline(claim: str, paper: str, measured: str, verdict: str) -> dict[str, str]:
+    """One row of the README's results table. ``measured`` must be formatted from measured values
+    by the notebook; ``verdict`` is one of :data:`VERDICTS`."""
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
+    return {"claim": claim, "paper": paper, "measured": measured, "verdict": verdict}

@@ -1,0 +1,46 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from pfclib.report import headline, save_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import results_table  # noqa: E402
+
+
+def test_table_is_built_from_metrics_and_spliced_into_readme(tmp_path):
+    res = tmp_path / "results"
+    save_metrics(
+        res / "02_b" / "metrics.json",
+        {
+            "profile": "cpu",
+            "x": 1.0,
+            "headline": [headline("robust", "96.1", "93.0 ± 1.0", "partly reproduced")],
+        },
+    )
+    save_metrics(
+        res / "01_a" / "metrics.json",
+        {"profile": "cpu", "y": 2.0, "headline": [headline("memory", "5620 MB", "1.2 GB", "reproduced")]},
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{results_table.START}\nold\n{results_table.END}\noutro\n")
+    results_table.main(["--results", str(res), "--readme", str(readme), "--out", str(res / "RESULTS.md")])
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert rows[0].startswith("| `01_a` (cpu) | memory | 5620 MB | 1.2 GB | **reproduced**")
+    assert "93.0 ± 1.0" in rows[1]
+    assert (res / "RESULTS.md").read_text().count("| `") == 2
+
+
+def test_incomplete_headline_and_missing_markers_fail(tmp_path):
+    (tmp_path / "01_a").mkdir()
+    (tmp_path / "01_a" / "metrics.json").write_text(json.dumps({"headline": [{"claim": "c"}]}))
+    with pytest.raises(ValueError, match="lacks"):
+        results_table.collect(tmp_path)
+    with pytest.raises(ValueError, match="markers"):
+        results_table.splice("no markers here", "table")
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        headline("c", "p", "m", "sort of")
