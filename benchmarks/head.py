@@ -1,0 +1,291 @@
+"""Benchmark of one training step of the classification head: time and peak memory.
+
+One step = forward + backward + optimizer step (SGD, momentum 0.9, weight decay 5e-4) on a
+``(B, D)`` batch of embeddings standing in for the backbone output. Methods:
+
+* ``linear``  — a plain full-softmax ``nn.Linear(D, C, bias=False)`` + ``F.cross_entropy``
+  (no normalisation, no margin; ignores the sample rate);
+* ``dense``   — ``PartialFC(update="dense")`` (reference semantics, O(C·D) optimizer step);
+* ``sparse``  — ``PartialFC(update="sparse")`` (only the k sampled rows move, O(k·D));
+* ``chunked`` — ``PartialFC(update="sparse", chunk_size=...)``: chunked logits on top of sparse.
+
+Each configuration runs in a fresh subprocess so peak memories don't mix. Memory on CPU is the
+peak resident set size of that process (``ru_maxrss``) minus its resident size just before the
+head was built (the interpreter and torch libraries), reported next to the bytes of the head's
+own tensors (centers + optimizer state); on CUDA it is ``torch.cuda.max_memory_allocated``.
+
+    python benchmarks/head.py                       # default grid, a few minutes on 2 cores
+    python benchmarks/head.py --quick               # smoke test, seconds
+    python benchmarks/head.py --classes 100000 1000000 --sample-rates 0.1 0.01 --methods sparse
+
+Writes a JSON list of records (plus the targets check) to ``results/benchmarks/head.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+METHODS = ("linear", "dense", "sparse", "chunked")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _warm_up(dev: torch.device) -> None:
+    from pfclib.head import PartialFC
+
+    for update in ("dense", "sparse"):
+        tiny = PartialFC(64, 16, sample_rate=0.5, update=update, device=dev)
+        opt = tiny.make_optimizer("sgd", lr=0.1)
+        F.cross_entropy(
+            torch.randn(4, 8, device=dev, requires_grad=True), torch.zeros(4, dtype=torch.long, device=dev)
+        ).backward()
+        tiny(torch.randn(4, 16, device=dev), torch.arange(4, device=dev)).backward()
+        opt.step()
+
+
+def measure(
+    method: str,
+    num_classes: int,
+    sample_rate: float,
+    embedding_size: int = 512,
+    batch_size: int = 128,
+    repeats: int = 3,
+    warmup: int = 2,
+    device: str = "cpu",
+    chunk_size: int = 4096,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Build one head, run ``warmup`` + ``repeats`` training steps, return timings and memory.
+
+    Returns a dict with ``step_ms`` (median over repeats, milliseconds), ``step_ms_min``, ``step_ms_all``,
+    ``peak_bytes`` (see module doc), ``model_bytes`` (centers + optimizer state), ``k`` and the
+    configuration. Call it in a fresh process for a meaningful ``peak_bytes`` on CPU.
+    """
+    from pfclib.head import PartialFC
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    _warm_up(dev)  # load torch's lazily initialised kernels/threads so they are not counted as the head's
+    rss_before = _rss_bytes()
+    if method == "linear":
+        head = torch.nn.Linear(embedding_size, num_classes, bias=False, device=dev)
+        weight = head.weight
+        opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+        k = num_classes
+
+        def loss_fn(x, y):
+            return F.cross_entropy(head(x), y)
+    else:
+        head = PartialFC(
+            num_classes,
+            embedding_size,
+            sample_rate=sample_rate,
+            update="dense" if method == "dense" else "sparse",
+            chunk_size=chunk_size if method == "chunked" else None,
+            seed=seed,
+            device=dev,
+        )
+        weight = head.weight
+        opt = head.make_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+        k = head.num_sampled if sample_rate < 1.0 else head.n_local
+        loss_fn = head
+    gen = torch.Generator().manual_seed(seed)
+    times = []
+    for i in range(warmup + repeats):
+        x = torch.randn(batch_size, embedding_size, generator=gen).to(dev).requires_grad_()
+        y = torch.randint(num_classes, (batch_size,), generator=gen).to(dev)
+        if cuda:
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        loss = loss_fn(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(dev)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    state_bytes = sum(
+        v.numel() * v.element_size()
+        for s in opt.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
+    )
+    model_bytes = weight.numel() * weight.element_size() + state_bytes
+    return {
+        "method": method,
+        "num_classes": num_classes,
+        "sample_rate": 1.0 if method == "linear" else sample_rate,
+        "k": k,
+        "embedding_size": embedding_size,
+        "batch_size": batch_size,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "step_ms": 1e3 * statistics.median(times),
+        "step_ms_min": 1e3 * min(times),
+        "step_ms_all": [1e3 * t for t in times],
+        "peak_bytes": int(peak),
+        "model_bytes": int(model_bytes),
+        "centers_bytes": int(weight.numel() * weight.element_size()),
+        "chunk_size": chunk_size if method == "chunked" else None,
+        "loss": float(loss.detach()),
+    }
+
+
+def run_isolated(config: dict[str, Any], timeout: float = 1800.0) -> dict[str, Any]:
+    """Run :func:`measure` with ``config`` in a fresh Python process; return its record (or an error record)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(config)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {**config, "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _grid(args: argparse.Namespace) -> list[dict[str, Any]]:
+    configs = []
+    for c in args.classes:
+        for method in args.methods:
+            rates = [1.0] if method == "linear" else args.sample_rates
+            for r in rates:
+                configs.append(
+                    {
+                        "method": method,
+                        "num_classes": c,
+                        "sample_rate": r,
+                        "embedding_size": args.embedding_size,
+                        "batch_size": args.batch_size,
+                        "repeats": args.repeats,
+                        "device": args.device,
+                        "chunk_size": args.chunk_size,
+                    }
+                )
+    return configs
+
+
+def check_targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets for the sparse head at equal k: step(C=1M) <= 1.2 x step(C=100k), and
+    peak memory at 1M < 2.2 x C·D·4 bytes. Returns one entry per comparison found in ``records``."""
+    sparse = {
+        (r["num_classes"], r["k"]): r for r in records if r.get("method") == "sparse" and "error" not in r
+    }
+    out = []
+    for (c, k), big in sorted(sparse.items()):
+        if c < 1_000_000:
+            continue
+        budget = 2.2 * c * big["embedding_size"] * 4
+        entry: dict[str, Any] = {
+            "num_classes": c,
+            "k": k,
+            "peak_bytes": big["peak_bytes"],
+            "peak_budget_bytes": budget,
+            "memory_ok": big["peak_bytes"] < budget,
+        }
+        small = next((r for (c2, k2), r in sparse.items() if k2 == k and c2 < c), None)
+        if small is not None:
+            # the fastest repeat: on a shared machine, slower ones measure the neighbours' load
+            fast_big, fast_small = (
+                big.get("step_ms_min", big["step_ms"]),
+                small.get("step_ms_min", small["step_ms"]),
+            )
+            entry.update(
+                reference_classes=small["num_classes"],
+                time_ratio=fast_big / fast_small,
+                time_ratio_median=big["step_ms"] / small["step_ms"],
+                time_ok=fast_big <= 1.2 * fast_small,
+            )
+        out.append(entry)
+    return out
+
+
+def _table(records: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{'method':8} {'C':>9} {'r':>5} {'k':>9} {'step ms':>9} {'peak MB':>9} {'model MB':>9} {'peak/CD4':>8}"
+    ]
+    for r in records:
+        if "error" in r:
+            lines.append(f"{r['method']:8} {r['num_classes']:>9} {r['sample_rate']:>5} ERROR {r['error']}")
+            continue
+        cd4 = r["num_classes"] * r["embedding_size"] * 4
+        lines.append(
+            f"{r['method']:8} {r['num_classes']:>9} {r['sample_rate']:>5} {r['k']:>9} {r['step_ms']:>9.1f} "
+            f"{r['peak_bytes'] / 2**20:>9.0f} {r['model_bytes'] / 2**20:>9.0f} {r['peak_bytes'] / cd4:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--sample-rates", type=float, nargs="+", default=[0.1, 0.01])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--embedding-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--chunk-size", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="JSON output (default results/benchmarks/head.json)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke-test grid")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(measure(**json.loads(args.worker))))
+        return 0
+    if args.quick:
+        args.classes, args.sample_rates, args.embedding_size = [2000, 20000], [0.1], 64
+        args.batch_size, args.repeats, args.chunk_size = 32, 2, 256
+    from pfclib.io import write_json
+    from pfclib.paths import resolve
+
+    records = []
+    for config in _grid(args):
+        rec = run_isolated(config)
+        records.append(rec)
+        print(_table([rec]).splitlines()[-1], flush=True)
+    targets = check_targets(records)
+    print("\n" + _table(records))
+    for t in targets:
+        print(
+            f"target @ C={t['num_classes']}, k={t['k']}: peak {t['peak_bytes'] / 2**20:.0f} MB "
+            f"(budget {t['peak_budget_bytes'] / 2**20:.0f} MB, ok={t['memory_ok']})"
+            + (
+                f"; step ratio vs C={t['reference_classes']}: {t['time_ratio']:.2f} (ok={t['time_ok']})"
+                if "time_ratio" in t
+                else ""
+            )
+        )
+    out = resolve(args.out or "results/benchmarks/head.json")
+    write_json(
+        out, {"records": records, "targets": targets, "torch": torch.__version__, "argv": sys.argv[1:]}
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,484 @@
+"""The Partial FC head: a sampled, model-parallel margin-softmax classifier (SPEC §1).
+
+    head = PartialFC(num_classes=C, embedding_size=512, sample_rate=0.1, margin=ArcFace(s=64.0, m=0.5))
+    loss = head(embeddings, labels)     # scalar fp32, the same on every rank
+    opt = head.make_optimizer("sgd", lr=0.1)
+
+Forward, one step on rank ρ of W (W = 1: no process group, any device):
+
+    gather    embeddings (with gradient) and labels of all ranks      -> (N, D), N = sum of batches
+    sample    this rank's positives + uniform negatives, k classes   -> index (k,), target (N,)
+    normalise embeddings and the k sampled centers (fp32 or fp64)
+    cosine    (N, k), clamped to [-1, 1]
+    margin    on each row's own target (only on the rank owning it), times s
+    softmax   cross-entropy distributed over ranks (mean over all N rows)
+
+Center updates (``update=``), see :mod:`pfclib.optim` for the details:
+
+* ``"dense"`` (default; the reference implementation's semantics): ``weight.grad`` is a dense
+  ``(n_local, D)`` tensor, zero on unsampled rows; ``make_optimizer`` returns ``torch.optim.SGD`` /
+  ``AdamW``, whose momentum and weight decay still move every row every step — ``O(C·D)`` per step.
+* ``"sparse"`` (the paper's "only a subset is selected and updated"): ``weight.grad`` is a sparse
+  tensor of the ``k`` sampled rows and ``make_optimizer`` returns :class:`pfclib.optim.SparseSGD` /
+  ``SparseAdamW``, which change only those rows and their state — ``O(k·D)`` per step; unsampled
+  rows are frozen. Identical to dense at ``r = 1``.
+
+Gradient scaling: with W ranks the gradient reaching rank r's embeddings is ``W · dL/d(emb_r)``
+for the global mean loss L, so DDP's average over W gives the backbone the true gradient. Center
+gradients are the exact ``dL/d(centers)`` (the head is never wrapped in DDP).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pfclib import distributed as pdist
+from pfclib import margins as pmargins
+from pfclib.optim import SparseAdamW, SparseSGD
+from pfclib.sampler import num_sampled, remap_labels, sample_classes
+
+FULL_STATE_FORMAT = "pfclib-partialfc/1"
+_INIT_BLOCK = 4096  # rows per independently seeded block of the initial centers
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant used to derive per-block / per-rank seeds
+
+
+def _derive_seed(seed: int, *salt: int) -> int:
+    value = seed & 0xFFFFFFFFFFFFFFFF
+    for s in salt:
+        value = (value * _MIX + s + 1) & 0xFFFFFFFFFFFFFFFF
+    return value & 0x7FFFFFFFFFFFFFFF
+
+
+def init_centers(
+    start: int, n_local: int, embedding_size: int, seed: int, dtype: torch.dtype, device=None
+) -> Tensor:
+    """Rows ``[start, start + n_local)`` of the initial ``(C, D)`` centers, N(0, 0.01²).
+
+    Rows are generated in blocks of 4096 with a generator seeded by ``(seed, block)``, so a class's
+    initial center does not depend on the number of ranks (two ranks start where one does), and
+    never more than one block is materialised beyond the shard.
+    """
+    out = torch.empty((n_local, embedding_size), dtype=dtype, device=device)
+    end = start + n_local
+    gen = torch.Generator()
+    for block in range(start // _INIT_BLOCK, (end - 1) // _INIT_BLOCK + 1 if n_local else 0):
+        b0 = block * _INIT_BLOCK
+        gen.manual_seed(_derive_seed(seed, 1, block))
+        rows = torch.empty((_INIT_BLOCK, embedding_size), dtype=dtype).normal_(0.0, 0.01, generator=gen)
+        lo, hi = max(start, b0), min(end, b0 + _INIT_BLOCK)
+        out[lo - start : hi - start] = rows[lo - b0 : hi - b0]
+    return out
+
+
+class PartialFC(nn.Module):
+    """Partial FC margin-softmax head owning this rank's shard of the class centers.
+
+    Args:
+        num_classes: C, total number of classes over all ranks.
+        embedding_size: D.
+        sample_rate: r in (0, 1]; each rank samples ``k = int(r * n_local)`` classes per step
+            (all local positives are always kept). ``1.0`` is pure model parallelism.
+        margin: a :class:`pfclib.margins.Margin`, a name (``"arcface"``, ``"arcface_st"``,
+            ``"cosface"``, ``"combined"``, ``"softmax"``) or a dict for :func:`pfclib.margins.create`.
+        update: ``"dense"`` (default, reference semantics) or ``"sparse"`` (see module doc).
+        chunk_size: if set, compute the softmax over chunks of this many sampled classes without
+            holding the ``N x k`` logits (same result, about one extra matmul in backward).
+        track_updates: keep per-class counters ``active_updates`` (steps where the class was a
+            positive of the gathered batch) and ``passive_updates`` (steps where it was sampled as a
+            negative only); ``O(k)`` per training step.
+        seed: seeds the initial centers (per class, independent of W) and the sampler's generator
+            (per rank: ``(seed, rank)``).
+        process_group: None -> the default group if torch.distributed is initialised with W > 1,
+            else a single process.
+        device, dtype: of the centers; dtype float32 (default) or float64. Logits are computed in
+            ``promote(dtype, float32)`` whatever the embeddings' dtype.
+
+    Attributes:
+        weight: ``nn.Parameter`` ``(n_local, D)``, this rank's centers (classes ``start + i``).
+        start, n_local, rank, world_size, num_classes, embedding_size, sample_rate, margin, update.
+        generator: the CPU ``torch.Generator`` of the sampler (saved in the state dict).
+        last_index: local indices of the classes sampled at the last forward (None when r = 1).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        sample_rate: float = 1.0,
+        margin: pmargins.Margin | str | Mapping[str, Any] = "arcface",
+        update: str = "dense",
+        chunk_size: int | None = None,
+        track_updates: bool = False,
+        seed: int = 0,
+        process_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if int(embedding_size) != embedding_size or embedding_size < 1:
+            raise ValueError(f"embedding_size must be a positive integer, got {embedding_size!r}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if update not in ("dense", "sparse"):
+            raise ValueError(f"update must be 'dense' or 'sparse', got {update!r}")
+        if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype of the centers must be torch.float32 or torch.float64, got {dtype}")
+        self.num_classes, self.embedding_size = int(num_classes), int(embedding_size)
+        self.sample_rate, self.update, self.seed = float(sample_rate), update, int(seed)
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.margin = pmargins.create(margin)
+        self.track_updates = bool(track_updates)
+        self.group, self.rank, self.world_size = pdist.resolve_group(process_group)
+        self.start, self.n_local = pdist.shard_range(self.num_classes, self.rank, self.world_size)
+        self.num_sampled = num_sampled(self.sample_rate, self.n_local)
+        self.weight = nn.Parameter(
+            init_centers(self.start, self.n_local, self.embedding_size, self.seed, dtype, device)
+        )
+        self.generator = torch.Generator()
+        self.generator.manual_seed(_derive_seed(self.seed, 2, self.rank))
+        if self.track_updates:
+            self.register_buffer(
+                "active_updates", torch.zeros(self.n_local, dtype=torch.int64, device=device)
+            )
+            self.register_buffer(
+                "passive_updates", torch.zeros(self.n_local, dtype=torch.int64, device=device)
+            )
+        self.last_index: Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, shard=[{self.start}, "
+            f"{self.start + self.n_local}) of rank {self.rank}/{self.world_size}, sample_rate={self.sample_rate}, "
+            f"update={self.update!r}, chunk_size={self.chunk_size}, margin={self.margin}"
+        )
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, embeddings: Tensor, labels: Tensor, *, index: Tensor | None = None) -> Tensor:
+        """Mean margin-softmax cross-entropy of the global batch.
+
+        Args:
+            embeddings: ``(B, D)`` float (fp16/bf16/fp32/fp64), un-normalised; not modified.
+            labels: ``(B,)`` integer class ids in ``[0, C)``.
+            index: optional sorted distinct local class indices to use instead of sampling
+                (must contain this rank's positives); for tests and analysis.
+
+        Returns:
+            scalar loss in the compute dtype (fp32, or fp64 for fp64 centers), equal on every rank.
+            Batch sizes may differ between ranks.
+        """
+        sizes = self._check_inputs(embeddings, labels)
+        compute_dtype = torch.promote_types(self.weight.dtype, torch.float32)
+
+        # gather: (N, D) embeddings with gradient (scaled by W, see module doc) and (N,) labels
+        emb = pdist.all_gather_with_grad(embeddings, sizes, self.group, grad_scale=self.world_size)
+        lab = pdist.all_gather_no_grad(labels.to(torch.int64), sizes, self.group)
+        local = lab - self.start
+        local = torch.where((local >= 0) & (local < self.n_local), local, torch.full_like(local, -1))
+
+        # sample: index (k,) of local classes (None = all), target column per row (-1 = not mine)
+        index, target = self._sample(local, index)
+
+        # logits in fp32/fp64 even inside an autocast region of the backbone
+        with torch.autocast(device_type=self.weight.device.type, enabled=False):
+            # normalise: embeddings and only the sampled centers
+            x = F.normalize(emb.to(compute_dtype), dim=1)
+            w = F.normalize(self._centers(index).to(compute_dtype), dim=1)
+
+            # cosine -> margin -> distributed softmax cross-entropy
+            if self.chunk_size is not None:
+                return pdist.chunked_margin_cross_entropy(
+                    x, w, target, self.margin, self.chunk_size, self.group
+                )
+            cos = (x @ w.T).clamp(-1.0, 1.0)
+            logits = self.margin(cos, target)
+            return pdist.margin_softmax_cross_entropy(logits, target, self.group)
+
+    def _centers(self, index: Tensor | None) -> Tensor:
+        """The sampled centers ``(k, D)``: sparse update -> row-sparse gradient, dense -> dense one."""
+        if self.update == "sparse":
+            if index is None:
+                index = torch.arange(self.n_local, device=self.weight.device)
+            return F.embedding(index, self.weight, sparse=True)
+        return self.weight if index is None else self.weight.index_select(0, index)
+
+    def _sample(self, local: Tensor, index: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        positives = torch.unique(local[local >= 0])
+        if index is not None:
+            index = self._check_index(index)
+        elif self.sample_rate < 1.0:
+            index = sample_classes(positives.cpu(), self.n_local, self.num_sampled, self.generator)
+            index = index.to(self.weight.device)
+        self.last_index = index
+        target = local if index is None else remap_labels(local, index)
+        if self.track_updates and self.training:
+            with torch.no_grad():
+                if index is None:
+                    self.passive_updates += 1
+                else:
+                    self.passive_updates.index_add_(0, index, torch.ones_like(index))
+                self.passive_updates.index_add_(0, positives, torch.full_like(positives, -1))
+                self.active_updates.index_add_(0, positives, torch.ones_like(positives))
+        return index, target
+
+    def _check_index(self, index: Tensor) -> Tensor:
+        if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
+            raise ValueError(
+                f"index must be a 1-D integer tensor, got dtype {index.dtype} shape {tuple(index.shape)}"
+            )
+        index = index.to(self.weight.device, torch.int64)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.n_local):
+            raise ValueError(
+                f"index values must lie in [0, {self.n_local}), got [{int(index.min())}, {int(index.max())}]"
+            )
+        if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+            raise ValueError("index must be sorted ascending without duplicates")
+        return index
+
+    def _check_inputs(self, embeddings: Tensor, labels: Tensor) -> list[int]:
+        """Validate the local inputs; in a process group every rank learns whether any rank failed
+        (one small all-gather, which also carries the batch sizes), so all raise together."""
+        error: Exception | None = None
+        try:
+            self._validate_local(embeddings, labels)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        batch = int(embeddings.shape[0]) if isinstance(embeddings, Tensor) and embeddings.dim() >= 1 else 0
+        if self.group is None:
+            if error is not None:
+                raise error
+            return [batch]
+        sizes, oks = pdist.gather_batch_meta(batch, error is None, self.group, self.weight.device)
+        if error is not None:
+            raise type(error)(f"rank {self.rank}: {error}") from error
+        bad = [r for r, ok in enumerate(oks) if not ok]
+        if bad:
+            raise ValueError(
+                f"rank(s) {bad} rejected their inputs (see their error); rank {self.rank} stops too"
+            )
+        return sizes
+
+    def _validate_local(self, embeddings: Tensor, labels: Tensor) -> None:
+        if not isinstance(embeddings, Tensor) or not isinstance(labels, Tensor):
+            raise TypeError(
+                f"embeddings and labels must be tensors, got {type(embeddings).__name__}, {type(labels).__name__}"
+            )
+        if not embeddings.is_floating_point():
+            raise TypeError(f"embeddings must be a floating-point tensor, got dtype {embeddings.dtype}")
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embeddings must have shape (B, {self.embedding_size}), got {tuple(embeddings.shape)}"
+            )
+        if embeddings.shape[0] == 0:
+            raise ValueError("empty batch: embeddings have 0 rows, expected at least 1")
+        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+            raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        if labels.shape != embeddings.shape[:1]:
+            raise ValueError(
+                f"labels must have shape ({embeddings.shape[0]},) to match the embeddings, got {tuple(labels.shape)}"
+            )
+        if embeddings.device != self.weight.device:
+            raise ValueError(
+                f"embeddings are on {embeddings.device} but the head's centers are on {self.weight.device}"
+            )
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= self.num_classes:
+            bad = labels[(labels < 0) | (labels >= self.num_classes)].unique()[:10].tolist()
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got out-of-range values {bad}")
+        finite = torch.isfinite(embeddings).all(dim=1)
+        if not bool(finite.all()):
+            rows = (~finite).nonzero().squeeze(1)[:10].tolist()
+            raise ValueError(f"embeddings contain non-finite values (NaN/inf) in rows {rows}")
+
+    # ---------------------------------------------------------------- optimizer
+    def make_optimizer(
+        self,
+        kind: str = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        nesterov: bool = False,
+    ) -> torch.optim.Optimizer:
+        """An optimizer over ``[self.weight]``: for ``update="dense"`` ``torch.optim.SGD``/``AdamW``,
+        for ``"sparse"`` :class:`~pfclib.optim.SparseSGD`/``SparseAdamW`` (same hyper-parameters;
+        only sampled rows and their state change). ``kind`` is ``"sgd"`` or ``"adamw"``."""
+        sparse = self.update == "sparse"
+        if kind == "sgd":
+            cls = SparseSGD if sparse else torch.optim.SGD
+            return cls([self.weight], lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        if kind == "adamw":
+            cls = SparseAdamW if sparse else torch.optim.AdamW
+            return cls([self.weight], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        raise ValueError(f"unknown optimizer kind {kind!r}; expected 'sgd' or 'adamw'")
+
+    # -------------------------------------------------------------- state dicts
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state(),
+            "num_classes": self.num_classes,
+            "start": self.start,
+            "n_local": self.n_local,
+            "world_size": self.world_size,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        mine = (self.num_classes, self.start, self.n_local)
+        theirs = (state["num_classes"], state["start"], state["n_local"])
+        if mine != theirs:
+            raise ValueError(
+                f"state dict holds classes [{theirs[1]}, {theirs[1] + theirs[2]}) of {theirs[0]} but this rank owns "
+                f"[{mine[1]}, {mine[1] + mine[2]}) of {mine[0]}; use full_state_dict()/load_full_state_dict() "
+                "to change the number of ranks"
+            )
+        self.generator.set_state(state["generator"])
+
+    def _row_sizes(self) -> list[int]:
+        return [pdist.shard_range(self.num_classes, r, self.world_size)[1] for r in range(self.world_size)]
+
+    def full_state_dict(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+        """Collective (every rank calls it): the whole head as one plain dict of CPU tensors, on every rank.
+
+        Keys: ``format``, ``num_classes``, ``embedding_size``, ``sample_rate``, ``update``, ``margin``
+        (dict), ``weight`` ``(C, D)``, ``counters`` (``{"active", "passive"}`` of shape ``(C,)``, or None),
+        ``generator_states`` (one per rank), ``optimizer`` (None, or ``{"class", "hyper", "state"}``
+        where per-row state tensors are gathered to ``(C, ...)``). Load with :meth:`load_full_state_dict`
+        on any number of ranks. Extra memory: the full matrix on the CPU, one shard on the device.
+        """
+        sizes = self._row_sizes()
+        full: dict[str, Any] = {
+            "format": FULL_STATE_FORMAT,
+            "num_classes": self.num_classes,
+            "embedding_size": self.embedding_size,
+            "sample_rate": self.sample_rate,
+            "update": self.update,
+            "margin": self.margin.to_dict(),
+            "weight": pdist.gather_rows_to_cpu(self.weight.detach(), sizes, self.group),
+            "counters": None,
+        }
+        if self.track_updates:
+            full["counters"] = {
+                "active": pdist.gather_rows_to_cpu(self.active_updates, sizes, self.group),
+                "passive": pdist.gather_rows_to_cpu(self.passive_updates, sizes, self.group),
+            }
+        gen_state = self.generator.get_state()
+        if self.group is None:
+            full["generator_states"] = [gen_state]
+        else:
+            states: list[Any] = [None] * self.world_size
+            dist.all_gather_object(states, gen_state, group=self.group)
+            full["generator_states"] = states
+        full["optimizer"] = None if optimizer is None else self._full_optimizer_state(optimizer, sizes)
+        return full
+
+    def _weight_group(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        for group in optimizer.param_groups:
+            if any(p is self.weight for p in group["params"]):
+                return group
+        raise ValueError(
+            "the optimizer does not hold this head's weight; build it with head.make_optimizer()"
+        )
+
+    def _full_optimizer_state(self, optimizer: torch.optim.Optimizer, sizes: list[int]) -> dict[str, Any]:
+        group = self._weight_group(optimizer)
+        local = optimizer.state.get(self.weight, {})
+        keys = sorted(local)
+        if self.group is not None:
+            all_keys: list[Any] = [None] * self.world_size
+            dist.all_gather_object(all_keys, keys, group=self.group)
+            if any(k != keys for k in all_keys):
+                raise RuntimeError(f"optimizer state keys differ between ranks: {all_keys}")
+        state: dict[str, Any] = {}
+        for key in keys:
+            value = local[key]
+            if isinstance(value, Tensor) and value.dim() >= 1:
+                state[key] = pdist.gather_rows_to_cpu(value, sizes, self.group)
+            else:
+                state[key] = value.detach().cpu().clone() if isinstance(value, Tensor) else value
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        return {"class": type(optimizer).__name__, "hyper": hyper, "state": state}
+
+    def load_full_state_dict(
+        self, full: Mapping[str, Any], optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Load a :meth:`full_state_dict` (saved with any number of ranks): this rank takes its rows.
+
+        The sampler's generator is restored only when the world size matches (otherwise it keeps
+        its ``(seed, rank)`` seeding). Optimizer state moves between the dense and sparse optimizer
+        of the same family (SGD <-> SparseSGD; AdamW <-> SparseAdamW, converting the step count).
+        """
+        if full.get("format") != FULL_STATE_FORMAT:
+            raise ValueError(
+                f"expected a full state dict of format {FULL_STATE_FORMAT!r}, got {full.get('format')!r}"
+            )
+        if (full["num_classes"], full["embedding_size"]) != (self.num_classes, self.embedding_size):
+            raise ValueError(
+                f"full state dict is for C={full['num_classes']}, D={full['embedding_size']}; "
+                f"this head has C={self.num_classes}, D={self.embedding_size}"
+            )
+        rows = slice(self.start, self.start + self.n_local)
+        with torch.no_grad():
+            self.weight.copy_(full["weight"][rows])
+            if self.track_updates and full.get("counters") is not None:
+                self.active_updates.copy_(full["counters"]["active"][rows])
+                self.passive_updates.copy_(full["counters"]["passive"][rows])
+        states = full.get("generator_states") or []
+        if len(states) == self.world_size:
+            self.generator.set_state(states[self.rank])
+        if optimizer is not None:
+            if full.get("optimizer") is None:
+                raise ValueError("the full state dict holds no optimizer state; pass optimizer=None")
+            self._load_full_optimizer_state(full["optimizer"], optimizer, rows)
+
+    def _load_full_optimizer_state(
+        self, saved: Mapping[str, Any], optimizer: torch.optim.Optimizer, rows: slice
+    ) -> None:
+        families = ({"SGD", "SparseSGD"}, {"AdamW", "SparseAdamW"})
+        mine, theirs = type(optimizer).__name__, saved["class"]
+        if mine != theirs and not any({mine, theirs} <= fam for fam in families):
+            raise ValueError(f"optimizer state was saved from {theirs}, cannot load it into {mine}")
+        group = self._weight_group(optimizer)
+        for key, value in saved["hyper"].items():
+            if key in group:
+                group[key] = value
+        state: dict[str, Any] = {}
+        for key, value in saved["state"].items():
+            if isinstance(value, Tensor) and value.dim() >= 1:
+                value = value[rows]
+            if isinstance(value, Tensor):
+                dtype = self.weight.dtype if value.is_floating_point() and key != "step" else value.dtype
+                value = value.to(self.weight.device, dtype).clone()
+            state[key] = value
+        if "step" in state and isinstance(state["step"], Tensor):
+            step = state["step"]
+            if mine == "SparseAdamW" and step.dim() == 0:
+                state["step"] = torch.full(
+                    (self.n_local,), int(step), dtype=torch.int64, device=self.weight.device
+                )
+            elif mine == "AdamW" and step.dim() == 1:
+                distinct = step.unique()
+                if distinct.numel() > 1:
+                    raise ValueError("per-row AdamW steps differ between rows; load into SparseAdamW instead")
+                value = float(distinct[0]) if distinct.numel() else 0.0
+                state["step"] = torch.tensor(value, dtype=torch.float32)
+        optimizer.state[self.weight] = state
+
+
+def expected_passive_rate(sample_rate: float, n_local: int, num_positives: int) -> float:
+    """Probability that a given non-positive class is sampled in a step (``(k - P) / (n_local - P)``),
+    the passive-update rate the counters should show on average; ``math.nan`` if undefined."""
+    k = num_sampled(sample_rate, n_local)
+    if n_local <= num_positives:
+        return math.nan
+    return max(k - num_positives, 0) / (n_local - num_positives)

@@ -1,0 +1,143 @@
+import io
+
+import pytest
+import torch
+
+import pfclib
+from pfclib.optim import SparseAdamW, SparseSGD
+
+C, D, B = 40, 8, 6
+
+
+def _batches(n, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(B, D, generator=g, dtype=dtype), torch.randint(C, (B,), generator=g)) for _ in range(n)
+    ]
+
+
+def _train(update, kind, sample_rate, steps=3, accumulate=1, **opt_kwargs):
+    head = pfclib.PartialFC(C, D, sample_rate=sample_rate, update=update, dtype=torch.float64, seed=4)
+    opt = head.make_optimizer(kind, **opt_kwargs)
+    for i, (emb, labels) in enumerate(_batches(steps * accumulate)):
+        head(emb, labels).backward()
+        if (i + 1) % accumulate == 0:
+            opt.step()
+            opt.zero_grad()
+    return head, opt
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [
+        ("sgd", {"lr": 0.5, "momentum": 0.9, "weight_decay": 5e-2}),
+        ("sgd", {"lr": 0.5, "momentum": 0.9, "weight_decay": 5e-2, "nesterov": True}),
+        ("adamw", {"lr": 0.05, "weight_decay": 0.1, "betas": (0.8, 0.95), "eps": 1e-6}),
+    ],
+)
+def test_sparse_equals_dense_at_full_rate(kind, kwargs):
+    dense, dopt = _train("dense", kind, 1.0, **kwargs)
+    sparse, sopt = _train("sparse", kind, 1.0, **kwargs)
+    assert isinstance(sopt, SparseAdamW if kind == "adamw" else SparseSGD)
+    torch.testing.assert_close(sparse.weight, dense.weight, rtol=1e-12, atol=1e-14)
+    key = "exp_avg" if kind == "adamw" else "momentum_buffer"
+    torch.testing.assert_close(
+        sopt.state[sparse.weight][key], dopt.state[dense.weight][key], rtol=1e-12, atol=1e-14
+    )
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sparse_equals_dense_for_plain_sgd_at_any_rate(accumulate):
+    dense, _ = _train("dense", "sgd", 0.3, accumulate=accumulate, lr=0.5, momentum=0.0, weight_decay=0.0)
+    sparse, _ = _train("sparse", "sgd", 0.3, accumulate=accumulate, lr=0.5, momentum=0.0, weight_decay=0.0)
+    torch.testing.assert_close(sparse.weight, dense.weight, rtol=1e-12, atol=1e-14)
+
+
+def test_sparse_freezes_unsampled_rows_while_dense_moves_them():
+    head = pfclib.PartialFC(C, D, sample_rate=0.25, update="sparse", dtype=torch.float64)
+    opt = head.make_optimizer("sgd", lr=0.5, momentum=0.9, weight_decay=0.1)
+    (e1, l1), (e2, l2) = _batches(2)
+    head(e1, l1).backward()
+    assert head.weight.grad.is_sparse and head.weight.grad._nnz() == head.last_index.numel()
+    opt.step()
+    opt.zero_grad()
+    first = head.last_index
+    before = head.weight.detach().clone()
+    buf_before = opt.state[head.weight]["momentum_buffer"].clone()
+    head(e2, l2).backward()
+    opt.step()
+    frozen = torch.ones(C, dtype=torch.bool)
+    frozen[head.last_index] = False
+    assert torch.equal(head.weight[frozen], before[frozen])
+    assert torch.equal(opt.state[head.weight]["momentum_buffer"][frozen], buf_before[frozen])
+    assert not torch.equal(head.weight[~frozen], before[~frozen])
+    # dense semantics: momentum and decay move rows sampled at step 1 but not at step 2
+    dense, _ = _train("dense", "sgd", 0.25, steps=2, lr=0.5, momentum=0.9, weight_decay=0.1)
+    moved_by_momentum = torch.zeros(C, dtype=torch.bool)
+    moved_by_momentum[first] = True
+    moved_by_momentum &= frozen
+    if moved_by_momentum.any():
+        init = pfclib.PartialFC(C, D, dtype=torch.float64, seed=4).weight.detach()
+        assert not torch.equal(dense.weight[moved_by_momentum], init[moved_by_momentum])
+
+
+def test_sparse_adamw_row_equals_adamw_run_on_its_own_steps():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    ref = torch.nn.Parameter(p.detach()[2:3].clone())
+    opt = SparseAdamW([p], lr=0.1, weight_decay=0.2)
+    ref_opt = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.2)
+    for rows in ([0, 2], [1, 3], [2, 4], [2]):
+        g = torch.randn(len(rows), 3, dtype=torch.float64)
+        p.grad = torch.sparse_coo_tensor(torch.tensor([rows]), g, p.shape, check_invariants=True)
+        opt.step()
+        if 2 in rows:
+            ref.grad = g[rows.index(2)][None]
+            ref_opt.step()
+    torch.testing.assert_close(p.detach()[2:3], ref.detach(), rtol=1e-12, atol=1e-14)
+    assert opt.state[p]["step"].tolist() == [1, 1, 3, 1, 1]
+
+
+def test_sparse_sgd_sums_duplicate_rows_and_matches_torch_sgd_on_touched_rows():
+    p = torch.nn.Parameter(torch.arange(12, dtype=torch.float64).view(4, 3))
+    ref = torch.nn.Parameter(p.detach().clone())
+    opt = SparseSGD([p], lr=0.1, momentum=0.9, weight_decay=0.01)
+    ref_opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9, weight_decay=0.01)
+    g = torch.ones(3, 3, dtype=torch.float64)
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[1, 1, 3]]), g, p.shape, check_invariants=True)
+    dense_grad = torch.zeros(4, 3, dtype=torch.float64)
+    dense_grad[1] = 2.0
+    dense_grad[3] = 1.0
+    ref.grad = dense_grad
+    opt.step()
+    ref_opt.step()
+    torch.testing.assert_close(p.detach()[[1, 3]], ref.detach()[[1, 3]], rtol=1e-14, atol=1e-14)
+    assert torch.equal(p.detach()[[0, 2]], torch.arange(12, dtype=torch.float64).view(4, 3)[[0, 2]])
+
+
+def test_sparse_optimizer_state_dict_round_trip():
+    head, opt = _train("sparse", "adamw", 0.3, lr=0.05)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    sd = torch.load(buffer, weights_only=True)
+    other = pfclib.PartialFC(C, D, sample_rate=0.3, update="sparse", dtype=torch.float64)
+    other.load_state_dict(head.state_dict())
+    other_opt = other.make_optimizer("adamw", lr=0.05)
+    other_opt.load_state_dict(sd)
+    assert other_opt.state[other.weight]["step"].dtype == torch.int64
+    emb, labels = _batches(1, seed=9)[0]
+    for h, o in ((head, opt), (other, other_opt)):
+        h(emb, labels).backward()
+        o.step()
+    assert torch.equal(head.weight, other.weight)
+
+
+def test_optimizer_argument_errors():
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="momentum must be in"):
+        SparseSGD([p], lr=0.1, momentum=1.0)
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        SparseAdamW([p], lr=-1.0)
+    with pytest.raises(ValueError, match="unknown optimizer kind 'lamb'"):
+        pfclib.PartialFC(4, 2).make_optimizer("lamb")
