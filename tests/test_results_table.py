@@ -25,14 +25,55 @@ def test_table_is_built_from_metrics_and_spliced_into_readme(tmp_path):
         {"profile": "cpu", "y": 2.0, "headline": [headline("memory", "5620 MB", "1.2 GB", "reproduced")]},
     )
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{results_table.START}\nold\n{results_table.END}\noutro\n")
-    results_table.main(["--results", str(res), "--readme", str(readme), "--out", str(res / "RESULTS.md")])
+    readme.write_text(
+        f"intro\n{results_table.START}\nold\n{results_table.END}\n"
+        f"{results_table.BENCH_START}\nold bench\n{results_table.BENCH_END}\noutro\n"
+    )
+    bench = tmp_path / "head.json"
+    rec = {
+        "method": "sparse",
+        "num_classes": 1_000_000,
+        "sample_rate": 0.01,
+        "k": 10_000,
+        "step_ms": 130.4,
+        "peak_bytes": 4 * 2**30,
+        "embedding_size": 512,
+        "batch_size": 128,
+        "device": "cpu",
+        "threads": 2,
+    }
+    target = {
+        "num_classes": 1_000_000,
+        "k": 10_000,
+        "peak_bytes": 4 * 2**30,
+        "peak_budget_bytes": 4.5e9,
+        "memory_ok": True,
+        "reference_classes": 100_000,
+        "time_ratio": 1.31,
+        "time_ok": False,
+    }
+    bench.write_text(json.dumps({"records": [rec], "targets": [target], "torch": "2.13.0"}))
+    results_table.main(
+        [
+            "--results",
+            str(res),
+            "--readme",
+            str(readme),
+            "--out",
+            str(res / "RESULTS.md"),
+            "--benchmark",
+            str(bench),
+        ]
+    )
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert rows[0].startswith("| `01_a` (cpu) | memory | 5620 MB | 1.2 GB | **reproduced**")
     assert "93.0 ± 1.0" in rows[1]
     assert (res / "RESULTS.md").read_text().count("| `") == 2
+    assert "old bench" not in text
+    assert "| sparse | 1,000,000 | 0.01 | 10,000 | 130 | 4,096 | 2.10 |" in text
+    assert "×1.31 (target ≤ ×1.2) → NOT met" in text and "→ met;" in text
 
 
 def test_incomplete_headline_and_missing_markers_fail(tmp_path):

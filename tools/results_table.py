@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+BENCH_START, BENCH_END = "<!-- benchmark-table:start -->", "<!-- benchmark-table:end -->"
 
 
 def collect(results_dir: Path) -> list[dict]:
@@ -48,12 +49,51 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def splice(readme: str, table: str) -> str:
-    if START not in readme or END not in readme:
-        raise ValueError(f"README lacks the markers {START} ... {END}")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table}\n{END}{tail}"
+def render_benchmark(bench: dict | None) -> str:
+    """The head benchmark (benchmarks/head.py JSON) as a markdown table plus its target checks."""
+    if not bench:
+        return "_No benchmark yet: run `make reproduce`._"
+    lines = [
+        "| method | classes C | r | k | step (ms) | peak memory (MiB) | peak / (C·D·4 B) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in bench["records"]:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['num_classes']:,} | {r['sample_rate']} | – | error | – | – |")
+            continue
+        cd4 = r["num_classes"] * r["embedding_size"] * 4
+        lines.append(
+            f"| {r['method']} | {r['num_classes']:,} | {r['sample_rate']:g} | {r['k']:,} | {r['step_ms']:.0f} "
+            f"| {r['peak_bytes'] / 2**20:,.0f} | {r['peak_bytes'] / cd4:.2f} |"
+        )
+    first = next((r for r in bench["records"] if "error" not in r), {})
+    lines.append("")
+    lines.append(
+        f"D = {first.get('embedding_size')}, B = {first.get('batch_size')}, SGD with momentum, "
+        f"{first.get('device')}, {first.get('threads', '?')} threads, torch {bench.get('torch')}; "
+        "step = forward + backward + optimizer step (median of repeats)."
+    )
+    for t in bench.get("targets", []):
+        text = (
+            f"- Sparse head at C = {t['num_classes']:,}, k = {t['k']:,}: peak {t['peak_bytes'] / 2**20:,.0f} MiB "
+            f"vs budget 2.2·C·D·4 = {t['peak_budget_bytes'] / 2**20:,.0f} MiB → "
+            f"{'met' if t['memory_ok'] else 'NOT met'}"
+        )
+        if "time_ratio" in t:
+            text += (
+                f"; step time vs C = {t['reference_classes']:,} at the same k: ×{t['time_ratio']:.2f} "
+                f"(target ≤ ×1.2) → {'met' if t['time_ok'] else 'NOT met'}"
+            )
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def splice(readme: str, table: str, start: str = START, end: str = END) -> str:
+    if start not in readme or end not in readme:
+        raise ValueError(f"README lacks the markers {start} ... {end}")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{table}\n{end}{tail}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=str(ROOT / "results"))
     parser.add_argument("--readme", default=str(ROOT / "README.md"))
     parser.add_argument("--out", default=str(ROOT / "results" / "RESULTS.md"))
+    parser.add_argument("--benchmark", default=str(ROOT / "results" / "benchmarks" / "head.json"))
     args = parser.parse_args(argv)
     table = render(collect(Path(args.results)))
+    bench_path = Path(args.benchmark)
+    bench = render_benchmark(json.loads(bench_path.read_text()) if bench_path.is_file() else None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
@@ -71,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     tmp.replace(out)
     readme = Path(args.readme)
-    new = splice(readme.read_text(), table)
+    new = splice(splice(readme.read_text(), table), bench, BENCH_START, BENCH_END)
     if new != readme.read_text():
         tmp = readme.with_suffix(".md.tmp")
         tmp.write_text(new)
