@@ -304,3 +304,28 @@ def test_torchrun_two_processes(tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "tr" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_batch"] == 32 and metrics["steps"] == 4
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_accelerate_launch_two_processes(tiny_data, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine starts two gloo processes
+    (TOOLCHAIN.md: `--cpu --num_processes 2` would silently start one)."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        pytest.skip("accelerate CLI not found")
+    if torch.cuda.is_available():
+        pytest.skip("this test checks the CPU (gloo) launch path")
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump(tiny_config(tiny_data, tmp_path / "acc", max_steps=4, **{"data.batch_size": 16}))
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    proc = subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pfclib.train", "--config", str(cfg_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "acc" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_batch"] == 32 and metrics["steps"] == 4
