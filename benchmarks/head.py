@@ -166,11 +166,29 @@ def run_isolated(config: dict[str, Any], timeout: float = 1800.0) -> dict[str, A
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _same_k_rates(classes: list[int], sample_rates: list[float]) -> dict[int, list[float]]:
+    """Extra sparse-head rates so that every smaller C is also measured at the k of the largest C
+    (the "same k" comparison of the targets): r' = k / C where k = int(r * C_max) <= C."""
+    c_max = max(classes)
+    extra: dict[int, list[float]] = {}
+    for c in classes:
+        if c == c_max:
+            continue
+        for r in sample_rates:
+            k = int(r * c_max)
+            if k <= c and not any(int(r2 * c) == k for r2 in sample_rates):
+                extra.setdefault(c, []).append(k / c)
+    return extra
+
+
 def _grid(args: argparse.Namespace) -> list[dict[str, Any]]:
     configs = []
+    same_k = _same_k_rates(args.classes, args.sample_rates) if "sparse" in args.methods else {}
     for c in args.classes:
         for method in args.methods:
             rates = [1.0] if method == "linear" else args.sample_rates
+            if method == "sparse":
+                rates = list(rates) + same_k.get(c, [])
             for r in rates:
                 configs.append(
                     {

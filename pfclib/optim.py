@@ -42,6 +42,15 @@ def _rows_and_values(param: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
     return torch.arange(param.shape[0], device=param.device), grad
 
 
+_ROW_CHUNK = 16384  # rows updated at a time: temporaries stay chunk-sized, not (k, D)
+
+
+def _chunks(rows: Tensor, values: Tensor):
+    """Yield ``(rows, values)`` slices of at most ``_ROW_CHUNK`` rows (row-wise updates are independent)."""
+    for s in range(0, rows.numel(), _ROW_CHUNK):
+        yield rows[s : s + _ROW_CHUNK], values[s : s + _ROW_CHUNK]
+
+
 def _check_hyper(lr: float, weight_decay: float) -> None:
     if not lr >= 0.0:
         raise ValueError(f"lr must be >= 0, got {lr!r}")
@@ -84,19 +93,20 @@ class SparseSGD(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                rows, g = _rows_and_values(p, p.grad)
-                d = g.to(p.dtype)
-                if wd != 0.0:
-                    d = d + wd * p.index_select(0, rows)
-                if mu != 0.0:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    buf = state["momentum_buffer"]
-                    b = buf.index_select(0, rows).mul_(mu).add_(d)
-                    buf.index_copy_(0, rows, b)
-                    d = d + mu * b if nesterov else b
-                p.index_add_(0, rows, d, alpha=-lr)
+                all_rows, all_g = _rows_and_values(p, p.grad)
+                state = self.state[p]
+                if mu != 0.0 and "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                for rows, g in _chunks(all_rows, all_g):
+                    d = g.to(p.dtype)
+                    if wd != 0.0:
+                        d = d + wd * p.index_select(0, rows)
+                    if mu != 0.0:
+                        buf = state["momentum_buffer"]
+                        b = buf.index_select(0, rows).mul_(mu).add_(d)
+                        buf.index_copy_(0, rows, b)
+                        d = d + mu * b if nesterov else b
+                    p.index_add_(0, rows, d, alpha=-lr)
         return loss
 
 
@@ -134,27 +144,42 @@ class SparseAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                rows, g = _rows_and_values(p, p.grad)
-                g = g.to(p.dtype)
+                all_rows, all_g = _rows_and_values(p, p.grad)
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                t = state["step"].index_select(0, rows) + 1
-                state["step"].index_copy_(0, rows, t)
-                shape = (-1,) + (1,) * (p.dim() - 1)
-                t64 = t.to(torch.float64)
-                bc1 = (1.0 - torch.pow(b1, t64)).to(p.dtype).view(shape)
-                bc2_sqrt = (1.0 - torch.pow(b2, t64)).sqrt().to(p.dtype).view(shape)
-                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1.0 - b1)
-                v = state["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1.0 - b2)
-                state["exp_avg"].index_copy_(0, rows, m)
-                state["exp_avg_sq"].index_copy_(0, rows, v)
-                p_rows = p.index_select(0, rows)
-                if wd != 0.0:
-                    p_rows.mul_(1.0 - lr * wd)
-                denom = (v.sqrt() / bc2_sqrt).add_(eps)
-                p_rows.addcdiv_(m / bc1, denom, value=-lr)
-                p.index_copy_(0, rows, p_rows)
+                for rows, g in _chunks(all_rows, all_g):
+                    self._update_rows(p, state, rows, g.to(p.dtype), lr, b1, b2, eps, wd)
         return loss
+
+    @staticmethod
+    def _update_rows(
+        p: Tensor,
+        state: dict,
+        rows: Tensor,
+        g: Tensor,
+        lr: float,
+        b1: float,
+        b2: float,
+        eps: float,
+        wd: float,
+    ) -> None:
+        """AdamW on the rows ``rows`` of ``p`` (gradient rows ``g``), each at its own step count."""
+        t = state["step"].index_select(0, rows) + 1
+        state["step"].index_copy_(0, rows, t)
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        t64 = t.to(torch.float64)
+        bc1 = (1.0 - torch.pow(b1, t64)).to(p.dtype).view(shape)
+        bc2_sqrt = (1.0 - torch.pow(b2, t64)).sqrt().to(p.dtype).view(shape)
+        m = state["exp_avg"].index_select(0, rows).lerp_(g, 1.0 - b1)
+        v = state["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+        p_rows = p.index_select(0, rows)
+        if wd != 0.0:
+            p_rows.mul_(1.0 - lr * wd)
+        denom = (v.sqrt() / bc2_sqrt).add_(eps)
+        p_rows.addcdiv_(m / bc1, denom, value=-lr)
+        p.index_copy_(0, rows, p_rows)

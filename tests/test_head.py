@@ -361,3 +361,14 @@ def test_benchmark_measure_runs_at_tiny_size():
         ]
     )
     assert targets[0]["time_ok"] is False and targets[0]["memory_ok"] is True
+
+
+def test_benchmark_grid_adds_same_k_reference_points():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "head.py"
+    spec = importlib.util.spec_from_file_location("bench_head", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # r = 0.1 at 1M is k = 100k: at 100k classes that k needs r = 1.0; r = 0.01 (k = 10k) is 0.1 there, already in
+    assert bench._same_k_rates([100_000, 1_000_000], [0.1, 0.01]) == {100_000: [1.0]}
+    # a k larger than the smaller C cannot be matched
+    assert bench._same_k_rates([1_000, 1_000_000], [0.1]) == {}

@@ -36,13 +36,15 @@ def _train(update, kind, sample_rate, steps=3, accumulate=1, **opt_kwargs):
     ],
 )
 def test_sparse_equals_dense_at_full_rate(kind, kwargs):
+    # fp64; the sparse path differentiates the normalisation in fused form (pfclib.head.sampled_cosine),
+    # so after several steps the two agree to rounding (~1e-13), not bit for bit
     dense, dopt = _train("dense", kind, 1.0, **kwargs)
     sparse, sopt = _train("sparse", kind, 1.0, **kwargs)
     assert isinstance(sopt, SparseAdamW if kind == "adamw" else SparseSGD)
-    torch.testing.assert_close(sparse.weight, dense.weight, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(sparse.weight, dense.weight, rtol=1e-10, atol=1e-12)
     key = "exp_avg" if kind == "adamw" else "momentum_buffer"
     torch.testing.assert_close(
-        sopt.state[sparse.weight][key], dopt.state[dense.weight][key], rtol=1e-12, atol=1e-14
+        sopt.state[sparse.weight][key], dopt.state[dense.weight][key], rtol=1e-10, atol=1e-12
     )
 
 
@@ -50,7 +52,7 @@ def test_sparse_equals_dense_at_full_rate(kind, kwargs):
 def test_sparse_equals_dense_for_plain_sgd_at_any_rate(accumulate):
     dense, _ = _train("dense", "sgd", 0.3, accumulate=accumulate, lr=0.5, momentum=0.0, weight_decay=0.0)
     sparse, _ = _train("sparse", "sgd", 0.3, accumulate=accumulate, lr=0.5, momentum=0.0, weight_decay=0.0)
-    torch.testing.assert_close(sparse.weight, dense.weight, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(sparse.weight, dense.weight, rtol=1e-10, atol=1e-12)
 
 
 def test_sparse_freezes_unsampled_rows_while_dense_moves_them():
@@ -141,3 +143,61 @@ def test_optimizer_argument_errors():
         SparseAdamW([p], lr=-1.0)
     with pytest.raises(ValueError, match="unknown optimizer kind 'lamb'"):
         pfclib.PartialFC(4, 2).make_optimizer("lamb")
+
+
+# --- memory-lean sparse path: fused gather -> normalise -> cosine, chunked row updates ---------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("row_chunk", [3, 8192])
+def test_sampled_cosine_matches_explicit_reference(monkeypatch, dtype, row_chunk):
+    import pfclib.head as head_mod
+
+    monkeypatch.setattr(head_mod, "_ROW_CHUNK", row_chunk)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(20, 6, generator=g, dtype=dtype, requires_grad=True)
+    x = torch.nn.functional.normalize(torch.randn(5, 6, generator=g, dtype=dtype), dim=1).requires_grad_()
+    index = torch.tensor([0, 2, 3, 7, 11, 12, 19])
+    up = torch.randn(5, index.numel(), generator=g, dtype=dtype)
+
+    cos = head_mod.sampled_cosine(x, weight, index)
+    (cos * up).sum().backward()
+    grad_w, grad_x = weight.grad.to_dense(), x.grad
+    assert weight.grad.is_sparse and weight.grad._nnz() == index.numel()
+
+    w_ref = weight.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    ref = x_ref @ torch.nn.functional.normalize(w_ref[index], dim=1).T
+    (ref * up).sum().backward()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cos, ref, **tol)
+    torch.testing.assert_close(grad_x, x_ref.grad, **tol)
+    torch.testing.assert_close(grad_w, w_ref.grad, **tol)
+    unsampled = torch.ones(20, dtype=torch.bool)
+    unsampled[index] = False
+    assert bool((grad_w[unsampled] == 0).all())
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_row_chunked_sparse_update_equals_one_chunk(monkeypatch, kind):
+    import pfclib.optim as optim_mod
+    from pfclib.head import PartialFC
+
+    def run(chunk):
+        monkeypatch.setattr(optim_mod, "_ROW_CHUNK", chunk)
+        head = PartialFC(50, 8, sample_rate=0.5, update="sparse", seed=3)
+        opt = head.make_optimizer(kind, lr=0.1, momentum=0.9, weight_decay=1e-3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(6, 8, generator=g)
+            y = torch.randint(0, 50, (6,), generator=g)
+            head(x, y).backward()
+            opt.step()
+            opt.zero_grad()
+        return head.weight.detach().clone(), {k: v.clone() for k, v in opt.state[head.weight].items()}
+
+    w_small, s_small = run(4)
+    w_big, s_big = run(1 << 20)
+    assert torch.equal(w_small, w_big)
+    for key in s_big:
+        assert torch.equal(s_small[key], s_big[key]), key
