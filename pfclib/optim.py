@@ -58,7 +58,35 @@ def _check_hyper(lr: float, weight_decay: float) -> None:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
 
 
-class SparseSGD(torch.optim.Optimizer):
+class _RowSparseOptimizer(torch.optim.Optimizer):
+    """Shared step loop: for each parameter with a gradient, create its state once, then update
+    the gradient's rows ``_ROW_CHUNK`` at a time with the subclass's ``_update_rows``."""
+
+    def _init_state(self, p: Tensor, state: dict, group: dict) -> None:
+        raise NotImplementedError
+
+    def _update_rows(self, p: Tensor, state: dict, rows: Tensor, g: Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                all_rows, all_g = _rows_and_values(p, p.grad)
+                state = self.state[p]
+                self._init_state(p, state, group)
+                for rows, g in _chunks(all_rows, all_g):
+                    self._update_rows(p, state, rows, g.to(p.dtype), group)
+        return loss
+
+
+class SparseSGD(_RowSparseOptimizer):
     """SGD with momentum/Nesterov/L2 weight decay updating only the rows present in the gradient.
 
     For each gradient row ``g`` of parameter row ``p``: ``d = g + wd·p``; ``buf = μ·buf + d``;
@@ -82,35 +110,24 @@ class SparseSGD(torch.optim.Optimizer):
             params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov}
         )
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, mu, wd, nesterov = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                all_rows, all_g = _rows_and_values(p, p.grad)
-                state = self.state[p]
-                if mu != 0.0 and "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                for rows, g in _chunks(all_rows, all_g):
-                    d = g.to(p.dtype)
-                    if wd != 0.0:
-                        d = d + wd * p.index_select(0, rows)
-                    if mu != 0.0:
-                        buf = state["momentum_buffer"]
-                        b = buf.index_select(0, rows).mul_(mu).add_(d)
-                        buf.index_copy_(0, rows, b)
-                        d = d + mu * b if nesterov else b
-                    p.index_add_(0, rows, d, alpha=-lr)
-        return loss
+    def _init_state(self, p: Tensor, state: dict, group: dict) -> None:
+        if group["momentum"] != 0.0 and "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+
+    def _update_rows(self, p: Tensor, state: dict, rows: Tensor, g: Tensor, group: dict) -> None:
+        lr, mu, wd, nesterov = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
+        d = g
+        if wd != 0.0:
+            d = d + wd * p.index_select(0, rows)
+        if mu != 0.0:
+            buf = state["momentum_buffer"]
+            b = buf.index_select(0, rows).mul_(mu).add_(d)
+            buf.index_copy_(0, rows, b)
+            d = d + mu * b if nesterov else b
+        p.index_add_(0, rows, d, alpha=-lr)
 
 
-class SparseAdamW(torch.optim.Optimizer):
+class SparseAdamW(_RowSparseOptimizer):
     """AdamW updating only the rows present in the gradient, with a per-row step count.
 
     For each gradient row at its own step ``t``: ``p *= 1 - lr·wd``; ``m = β1·m + (1-β1)·g``;
@@ -133,40 +150,15 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"eps must be >= 0, got {eps!r}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                all_rows, all_g = _rows_and_values(p, p.grad)
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                for rows, g in _chunks(all_rows, all_g):
-                    self._update_rows(p, state, rows, g.to(p.dtype), lr, b1, b2, eps, wd)
-        return loss
+    def _init_state(self, p: Tensor, state: dict, group: dict) -> None:
+        if "step" not in state:
+            state["step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
 
-    @staticmethod
-    def _update_rows(
-        p: Tensor,
-        state: dict,
-        rows: Tensor,
-        g: Tensor,
-        lr: float,
-        b1: float,
-        b2: float,
-        eps: float,
-        wd: float,
-    ) -> None:
+    def _update_rows(self, p: Tensor, state: dict, rows: Tensor, g: Tensor, group: dict) -> None:
         """AdamW on the rows ``rows`` of ``p`` (gradient rows ``g``), each at its own step count."""
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         t = state["step"].index_select(0, rows) + 1
         state["step"].index_copy_(0, rows, t)
         shape = (-1,) + (1,) * (p.dim() - 1)
