@@ -1,6 +1,8 @@
 # The two commands of the README:
-#   make reproduce   -> set up .venv (pinned), then `dvc repro` (profile from params.yaml, default cpu)
-#   make test        -> set up .venv (pinned), then ruff + pytest (unit, multi-process, nbval on every notebook)
+#   make reproduce   -> set up .venv (pinned), then `dvc repro` (profile from params.yaml, default cpu):
+#                       every notebook stage runs `python -m pfcrepro.nbrun` (the reproduction harness)
+#   make test        -> set up .venv (pinned), then ruff + pytest (unit tests of pfclib and pfcrepro,
+#                       multi-process, structure of notebooks and dvc.yaml, nbval on every notebook)
 # Everything else here is plumbing for those two.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -25,7 +27,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider tests notebooks --nbval-lax --durations=15
 
 # (Re)install when the lock or the package metadata changes. torch is pinned inside the lock, in the
-# same pip call, so a CPU machine never resolves a CUDA build.
+# same pip call, so a CPU machine never resolves a CUDA build. `-e .` installs both packages of
+# pyproject.toml: pfclib (the library) and pfcrepro (the reproduction harness).
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock

@@ -1,4 +1,4 @@
-"""Benchmark of one training step of the classification head: time and peak memory.
+"""Benchmark of one training step of the classification head: time and peak memory (command line).
 
 One step = forward + backward + optimizer step (SGD, momentum 0.9, weight decay 5e-4) on a
 ``(B, D)`` batch of embeddings standing in for the backbone output. Methods:
@@ -9,10 +9,9 @@ One step = forward + backward + optimizer step (SGD, momentum 0.9, weight decay 
 * ``sparse``  — ``PartialFC(update="sparse")`` (only the k sampled rows move, O(k·D));
 * ``chunked`` — ``PartialFC(update="sparse", chunk_size=...)``: chunked logits on top of sparse.
 
-Each configuration runs in a fresh subprocess so peak memories don't mix. Memory on CPU is the
-peak resident set size of that process (``ru_maxrss``) minus its resident size just before the
-head was built (the interpreter and torch libraries), reported next to the bytes of the head's
-own tensors (centers + optimizer state); on CUDA it is ``torch.cuda.max_memory_allocated``.
+The measurement itself is :func:`pfcrepro.headbench.measure` (how memory is counted is said
+there); this script runs it over a grid, each configuration in a fresh subprocess so peak memories
+don't mix, checks the sparse head's targets and writes the records.
 
     python benchmarks/head.py                       # default grid, a few minutes on 2 cores
     python benchmarks/head.py --quick               # smoke test, seconds
@@ -25,135 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-METHODS = ("linear", "dense", "sparse", "chunked")
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _warm_up(dev: torch.device) -> None:
-    from pfclib.head import PartialFC
-
-    for update in ("dense", "sparse"):
-        tiny = PartialFC(64, 16, sample_rate=0.5, update=update, device=dev)
-        opt = tiny.make_optimizer("sgd", lr=0.1)
-        F.cross_entropy(
-            torch.randn(4, 8, device=dev, requires_grad=True), torch.zeros(4, dtype=torch.long, device=dev)
-        ).backward()
-        tiny(torch.randn(4, 16, device=dev), torch.arange(4, device=dev)).backward()
-        opt.step()
-
-
-def measure(
-    method: str,
-    num_classes: int,
-    sample_rate: float,
-    embedding_size: int = 512,
-    batch_size: int = 128,
-    repeats: int = 3,
-    warmup: int = 2,
-    device: str = "cpu",
-    chunk_size: int = 4096,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Build one head, run ``warmup`` + ``repeats`` training steps, return timings and memory.
-
-    Returns a dict with ``step_ms`` (median over repeats, milliseconds), ``step_ms_min``, ``step_ms_all``,
-    ``peak_bytes`` (see module doc), ``model_bytes`` (centers + optimizer state), ``k`` and the
-    configuration. Call it in a fresh process for a meaningful ``peak_bytes`` on CPU.
-    """
-    from pfclib.head import PartialFC
-
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    dev = torch.device(device)
-    torch.manual_seed(seed)
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
-    _warm_up(dev)  # load torch's lazily initialised kernels/threads so they are not counted as the head's
-    rss_before = _rss_bytes()
-    if method == "linear":
-        head = torch.nn.Linear(embedding_size, num_classes, bias=False, device=dev)
-        weight = head.weight
-        opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
-        k = num_classes
-
-        def loss_fn(x, y):
-            return F.cross_entropy(head(x), y)
-    else:
-        head = PartialFC(
-            num_classes,
-            embedding_size,
-            sample_rate=sample_rate,
-            update="dense" if method == "dense" else "sparse",
-            chunk_size=chunk_size if method == "chunked" else None,
-            seed=seed,
-            device=dev,
-        )
-        weight = head.weight
-        opt = head.make_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
-        k = head.num_sampled if sample_rate < 1.0 else head.n_local
-        loss_fn = head
-    gen = torch.Generator().manual_seed(seed)
-    times = []
-    for i in range(warmup + repeats):
-        x = torch.randn(batch_size, embedding_size, generator=gen).to(dev).requires_grad_()
-        y = torch.randint(num_classes, (batch_size,), generator=gen).to(dev)
-        if cuda:
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        loss = loss_fn(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize(dev)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(dev)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    state_bytes = sum(
-        v.numel() * v.element_size()
-        for s in opt.state.values()
-        for v in s.values()
-        if isinstance(v, torch.Tensor)
-    )
-    model_bytes = weight.numel() * weight.element_size() + state_bytes
-    return {
-        "method": method,
-        "num_classes": num_classes,
-        "sample_rate": 1.0 if method == "linear" else sample_rate,
-        "k": k,
-        "embedding_size": embedding_size,
-        "batch_size": batch_size,
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "step_ms": 1e3 * statistics.median(times),
-        "step_ms_min": 1e3 * min(times),
-        "step_ms_all": [1e3 * t for t in times],
-        "peak_bytes": int(peak),
-        "model_bytes": int(model_bytes),
-        "centers_bytes": int(weight.numel() * weight.element_size()),
-        "chunk_size": chunk_size if method == "chunked" else None,
-        "loss": float(loss.detach()),
-    }
+from pfcrepro.headbench import METHODS, measure
 
 
 def run_isolated(config: dict[str, Any], timeout: float = 1800.0) -> dict[str, Any]:

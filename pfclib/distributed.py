@@ -3,7 +3,8 @@
 Everything here also works without a process group (``group=None`` means one process): the
 collectives become identities, so the single-process head runs exactly the same code.
 
-* :func:`shard_range` — the class partition of SPEC §1 (rank ρ owns a contiguous range).
+* :func:`shard_range` — the class partition: rank ρ owns a contiguous range of classes,
+  the first ``C % W`` ranks one class more.
 * :func:`gather_batch_meta` — one small all-gather of every rank's batch size and input check,
   so ranks may hold different batch sizes and a bad input on one rank raises on *every* rank
   (instead of leaving the others waiting in a collective).
@@ -30,8 +31,8 @@ Group = dist.ProcessGroup | None
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
     """Return ``(start, n_local)``: rank ``rank`` owns classes ``[start, start + n_local)``.
 
-    ``n_local = C // W + (rank < C % W)`` and ``start = (C // W) * rank + min(rank, C % W)``
-    (SPEC §1), so the first ``C % W`` ranks hold one extra class.
+    ``n_local = C // W + (rank < C % W)`` and ``start = (C // W) * rank + min(rank, C % W)``,
+    so the first ``C % W`` ranks hold one extra class.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")

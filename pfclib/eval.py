@@ -1,6 +1,6 @@
 """Face-verification and identification metrics, and a CLI that scores a checkpoint.
 
-The verification protocol is the one of SPEC section 3 (the LFW / CFP-FP / AgeDB-30 ``.bin`` sets):
+The verification protocol is insightface's for the LFW / CFP-FP / AgeDB-30 ``.bin`` sets:
 
 1. embed every image and its horizontal flip, sum the two embeddings, L2-normalise (:func:`embed`);
 2. pair i is rows ``2i`` and ``2i+1``; its distance is the squared L2 distance of the two
@@ -97,7 +97,7 @@ def embed(
 
     ``uint8`` images are normalised as ``(x/255 - 0.5)/0.5``; floating-point images are assumed to
     be normalised already. With ``flip`` each image's embedding is summed with the embedding of its
-    horizontal mirror before normalising (SPEC section 3). The model runs in eval mode under
+    horizontal mirror before normalising (step 1 of the protocol in the module docstring). The model runs in eval mode under
     ``torch.no_grad()`` on its own device and dtype, ``batch_size`` images at a time; its training
     mode is restored afterwards. The caller's ``images`` are not modified.
     """
@@ -208,7 +208,7 @@ def verification_accuracy(
     nfolds: int = 10,
     thresholds: ArrayLike | None = None,
 ) -> dict[str, Any]:
-    """K-fold verification accuracy by the SPEC section 3 protocol (see the module docstring).
+    """K-fold verification accuracy by the protocol of the module docstring.
 
     Args:
         emb_a, emb_b: ``(P, D)`` embeddings of the two sides of each pair (normalised here again).
@@ -355,7 +355,7 @@ def evaluate_verification(
     nfolds: int = 10,
     fars: Sequence[float] = DEFAULT_FARS,
 ) -> dict[str, Any]:
-    """Score ``model`` on a verification set by the SPEC section 3 protocol.
+    """Score ``model`` on a verification set by the protocol of the module docstring.
 
     Args:
         model: a backbone mapping normalised ``(B, 3, H, W)`` images to ``(B, D)``.

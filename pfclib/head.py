@@ -1,4 +1,4 @@
-"""The Partial FC head: a sampled, model-parallel margin-softmax classifier (SPEC §1).
+"""The Partial FC head: a sampled, model-parallel margin-softmax classifier.
 
     head = PartialFC(num_classes=C, embedding_size=512, sample_rate=0.1, margin=ArcFace(s=64.0, m=0.5))
     loss = head(embeddings, labels)     # scalar fp32, the same on every rank

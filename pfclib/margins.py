@@ -1,4 +1,4 @@
-"""Margins: how the cosine of each row's own class becomes its logit (SPEC §1, "Margins").
+"""Margins: how the cosine of each row's own class becomes its logit.
 
 A margin maps a cosine matrix ``cos`` (N, k) and each row's target column ``target`` (N,)
 (-1 when the row's class is not among these k columns) to logits ``s * f(cos)``:

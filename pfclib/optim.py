@@ -1,4 +1,4 @@
-"""Row-sparse optimizers for the center matrix (the "sparse" update semantics of SPEC §1).
+"""Row-sparse optimizers for the center matrix (``PartialFC(update="sparse")``: only the sampled rows move).
 
 With ``PartialFC(update="sparse")`` the centers' gradient is a sparse COO tensor holding only the
 ``k`` sampled rows (``torch.nn.functional.embedding(..., sparse=True)``): no dense ``C x D``

@@ -1,4 +1,4 @@
-"""Class sampling of Partial FC (SPEC §1, "Sampling").
+"""Class sampling of Partial FC: which ``k`` classes of a rank enter a step's softmax.
 
 On each rank, for a sample rate ``r < 1``: ``k = int(r * n_local)``; every local positive class
 of the gathered batch is kept; the rest of the ``k`` slots are negatives drawn uniformly without

@@ -1,4 +1,4 @@
-"""Evaluation: the SPEC section 3 verification protocol, ROC / TAR@FAR, rank-1, embeddings, CLI."""
+"""Evaluation: the verification protocol of pfclib.eval's docstring, ROC / TAR@FAR, rank-1, embeddings, CLI."""
 
 import numpy as np
 import pytest

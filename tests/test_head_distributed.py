@@ -1,4 +1,4 @@
-"""Two gloo processes must equal one process on the concatenated batch (SPEC §1)."""
+"""Two gloo processes must equal one process on the concatenated batch (the shard rule in `pfclib.distributed.shard_range`)."""
 
 import pytest
 import torch

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from pfclib.nbrun import stage_parameters
 from pfclib.paths import repo_root
+from pfcrepro.nbrun import stage_parameters
 
 
 def write(tmp_path, obj):

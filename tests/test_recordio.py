@@ -46,7 +46,7 @@ def write_png_recordio(folder, images, labels, header=True):
 
 
 def reference_record(payload: bytes, cflag: int = 0) -> bytes:
-    """The record bytes written out by hand from SPEC §3."""
+    """The record bytes written out by hand from the format in pfclib.data.recordio's docstring."""
     pad = (-len(payload)) % 4
     return struct.pack("<II", 0xCED7230A, (cflag << 29) | len(payload)) + payload + b"\0" * pad
 

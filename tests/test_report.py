@@ -1,9 +1,11 @@
 import json
 import math
 
+import pandas as pd
 import pytest
 
-from pfclib.report import check_metrics, save_metrics
+from pfcrepro import report
+from pfcrepro.report import VERDICTS, check_metrics, headline, save_metrics
 
 
 def test_save_and_check_roundtrip(tmp_path):
@@ -36,3 +38,19 @@ def test_check_metrics_fails_on_missing_file_and_keys(tmp_path):
     path.write_text(json.dumps({"acc": 1.0}))
     with pytest.raises(AssertionError, match=r"missing metrics \['tar'\]"):
         check_metrics(path, required=["tar"])
+
+
+def test_to_records_is_json_ready():
+    df = pd.DataFrame(
+        {"a": [1, 2], "b": [0.5, float("nan")], "c": pd.Categorical(["x", "y"]), "d": [True, False]}
+    )
+    records = report.to_records(df)
+    assert records == [{"a": 1, "b": 0.5, "c": "x", "d": True}, {"a": 2, "b": None, "c": "y", "d": False}]
+    assert type(records[0]["a"]) is int and type(records[0]["d"]) is bool
+
+
+def test_extrapolated_is_a_verdict_of_its_own():
+    assert "extrapolated" in VERDICTS and "reproduced" in VERDICTS
+    assert headline("c", "p", "m", "extrapolated")["verdict"] == "extrapolated"
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        headline("c", "p", "m", "sort of")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pfclib.report import headline, save_metrics
+from pfcrepro.report import headline, save_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import results_table  # noqa: E402
@@ -85,3 +85,18 @@ def test_incomplete_headline_and_missing_markers_fail(tmp_path):
         results_table.splice("no markers here", "table")
     with pytest.raises(ValueError, match="verdict must be one of"):
         headline("c", "p", "m", "sort of")
+
+
+def test_verdicts_are_checked_and_extrapolated_is_explained(tmp_path):
+    (tmp_path / "01_a").mkdir()
+    item = {"claim": "c", "paper": "p", "measured": "m", "verdict": "probably"}
+    (tmp_path / "01_a" / "metrics.json").write_text(json.dumps({"headline": [item]}))
+    with pytest.raises(ValueError, match="'probably' of 'c' is not one of"):
+        results_table.collect(tmp_path)
+    item["verdict"] = "extrapolated"
+    (tmp_path / "01_a" / "metrics.json").write_text(json.dumps({"headline": [item]}))
+    table = results_table.render(results_table.collect(tmp_path))
+    assert (
+        "| **extrapolated** |" in table
+        and "**extrapolated**: the claim is about a scale not run here" in table
+    )

@@ -1,9 +1,10 @@
 """Build the README's results table from the stages' metrics files (the last DVC stage).
 
 Every notebook's ``metrics.json`` carries a ``headline`` list written by
-``pfclib.report.headline``: the claim, the paper's figure, the figure measured here and a verdict.
-This script collects them in notebook order, writes ``results/RESULTS.md`` and replaces the block
-between the ``results-table`` markers of ``README.md``. Nothing in the table is typed by hand.
+``pfcrepro.report.headline``: the claim, the paper's figure, the figure measured here and a verdict
+(one of ``pfcrepro.report.VERDICTS``; an unknown verdict is an error). This script collects them in
+notebook order, writes ``results/RESULTS.md`` and replaces the block between the ``results-table``
+markers of ``README.md``. Nothing in the table is typed by hand.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from pfcrepro.report import VERDICTS
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
@@ -26,6 +29,10 @@ def collect(results_dir: Path) -> list[dict]:
             missing = {"claim", "paper", "measured", "verdict"} - set(item)
             if missing:
                 raise ValueError(f"{metrics_path}: headline entry {item!r} lacks {sorted(missing)}")
+            if item["verdict"] not in VERDICTS:
+                raise ValueError(
+                    f"{metrics_path}: verdict {item['verdict']!r} of {item['claim']!r} is not one of {VERDICTS}"
+                )
             rows.append({**item, "source": metrics_path.parent.name, "profile": metrics.get("profile", "?")})
     return rows
 
@@ -46,6 +53,12 @@ def render(rows: list[dict]) -> str:
             f"**{r['verdict']}**",
         ]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    if any(r["verdict"] == "extrapolated" for r in rows):
+        lines.append("")
+        lines.append(
+            "**extrapolated**: the claim is about a scale not run here; a figure extrapolated from the "
+            "measured ones agrees with it (weaker than reproduced)."
+        )
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """insightface RecordIO (``train.rec``, ``train.idx``, ``property``), read and written without mxnet.
 
-Format (SPEC §3). ``train.rec`` is a sequence of records::
+Format (mxnet / dmlc-core RecordIO, as in the insightface data sets). ``train.rec`` is a sequence of records::
 
     uint32 magic 0xced7230a | uint32 lrec (bits 31..29: continuation flag, 28..0: length) | payload | 0-pad to 4
 

@@ -1,8 +1,8 @@
 """Execute a notebook with papermill, its parameters taken from one section of ``params.yaml``.
 
-This is the command every DVC stage runs::
+The one job of this module is the command every notebook's DVC stage runs::
 
-    python -m pfclib.nbrun notebooks/01_memory_scaling.ipynb --section memory_scaling \
+    python -m pfcrepro.nbrun notebooks/01_memory_scaling.ipynb --section memory_scaling \
         --out-dir results/01_memory_scaling
 
 ``params.yaml`` holds a top-level ``profile`` (``cpu`` by default, ``gpu`` for paper-like scales)

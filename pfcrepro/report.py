@@ -1,7 +1,10 @@
 """What every notebook does at its end: save figures and a metrics JSON, and check them.
 
-Keeping this in the library (not in copied cells) means every stage writes its outputs the same
-way: atomically, with finite numbers only, and a final check that cannot pass on an empty file.
+The one job of this module is a notebook's outputs: :func:`save_figure`, :func:`save_metrics` (with
+:func:`to_records` turning tables into JSON-ready rows), :func:`check_metrics` (the last cell's
+assertion) and :func:`headline` (one row of the README's results table, with a verdict from
+:data:`VERDICTS`). Keeping this here (not in copied cells) means every stage writes its outputs the
+same way: atomically, with finite numbers only, and a final check that cannot pass on an empty file.
 """
 
 from __future__ import annotations
@@ -11,9 +14,14 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from pfclib.io import atomic_path, write_json
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _finite_leaves(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
@@ -75,7 +83,10 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
     return path
 
 
-VERDICTS = ("reproduced", "not reproduced", "partly reproduced", "inconclusive")
+VERDICTS = ("reproduced", "not reproduced", "partly reproduced", "inconclusive", "extrapolated")
+"""The verdicts a headline may carry. ``"extrapolated"``: the claim concerns a scale not measured
+here, and a figure extrapolated from the measured ones agrees with it (the row's ``measured``
+text says from what); it is weaker than ``"reproduced"``."""
 
 
 def headline(claim: str, paper: str, measured: str, verdict: str) -> dict[str, str]:
@@ -84,3 +95,21 @@ def headline(claim: str, paper: str, measured: str, verdict: str) -> dict[str, s
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
     return {"claim": claim, "paper": paper, "measured": measured, "verdict": verdict}
+
+
+def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows of ``df`` as JSON-ready dicts (for ``save_metrics``): numpy scalars become Python numbers,
+    NaN becomes ``None`` (a missing value, e.g. the interval of a single seed), categories strings."""
+    out = []
+    for row in df.to_dict("records"):
+        clean = {}
+        for key, value in row.items():
+            if isinstance(value, np.generic):
+                value = value.item()
+            if isinstance(value, float) and not math.isfinite(value):
+                value = None
+            elif not isinstance(value, (int, float, str, bool)) and value is not None:
+                value = str(value)
+            clean[str(key)] = value
+        out.append(clean)
+    return out

@@ -1,0 +1,333 @@
+"""Peak memory and step time of the classification head alone: the one job of this module is to
+measure one training step of a head, each measurement point in a fresh process.
+
+* :func:`measure` -- build one head (a plain full-softmax linear layer, or :class:`pfclib.PartialFC`
+  with the dense, sparse or chunked update), run ``warmup`` + ``repeats`` training steps (forward +
+  backward + SGD with momentum 0.9 and weight decay 5e-4) on random ``(B, D)`` embeddings standing
+  in for the backbone output, and return the median step time and the peak memory. Memory on CPU is
+  the peak resident set size of the process (``ru_maxrss``) minus its resident size just before the
+  head was built (the interpreter and torch libraries), reported next to the bytes of the head's own
+  tensors (centers + optimizer state); on CUDA it is ``torch.cuda.max_memory_allocated``. Call it in
+  a fresh process for a meaningful peak.
+* :func:`measure_in_subprocess` -- call a function by its dotted name in a fresh interpreter.
+* :func:`measure_head_grid` -- :func:`measure` per layout of one rank of a ``W``-rank job (data
+  parallel, model parallel, Partial FC dense / sparse) and per class count; :func:`head_layouts`
+  names the layouts. No backbone and no communication are included.
+
+``benchmarks/head.py`` is the command line over :func:`measure` (its grid, JSON output and target
+checks); notebook 01 uses :func:`measure_head_grid`. Memory in MiB (``_mb``) or bytes (``_bytes``),
+times in milliseconds (``_ms``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["METHODS", "measure", "measure_in_subprocess", "head_layouts", "measure_head_grid"]
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+METHODS = ("linear", "dense", "sparse", "chunked")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _warm_up(dev: torch.device) -> None:
+    from pfclib.head import PartialFC
+
+    for update in ("dense", "sparse"):
+        tiny = PartialFC(64, 16, sample_rate=0.5, update=update, device=dev)
+        opt = tiny.make_optimizer("sgd", lr=0.1)
+        F.cross_entropy(
+            torch.randn(4, 8, device=dev, requires_grad=True), torch.zeros(4, dtype=torch.long, device=dev)
+        ).backward()
+        tiny(torch.randn(4, 16, device=dev), torch.arange(4, device=dev)).backward()
+        opt.step()
+
+
+def measure(
+    method: str,
+    num_classes: int,
+    sample_rate: float,
+    embedding_size: int = 512,
+    batch_size: int = 128,
+    repeats: int = 3,
+    warmup: int = 2,
+    device: str = "cpu",
+    chunk_size: int = 4096,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Build one head, run ``warmup`` + ``repeats`` training steps, return timings and memory.
+
+    Returns a dict with ``step_ms`` (median over repeats, milliseconds), ``step_ms_min``, ``step_ms_all``,
+    ``peak_bytes`` (see module doc), ``model_bytes`` (centers + optimizer state), ``k`` and the
+    configuration. Call it in a fresh process for a meaningful ``peak_bytes`` on CPU.
+    """
+    from pfclib.head import PartialFC
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    _warm_up(dev)  # load torch's lazily initialised kernels/threads so they are not counted as the head's
+    rss_before = _rss_bytes()
+    if method == "linear":
+        head = torch.nn.Linear(embedding_size, num_classes, bias=False, device=dev)
+        weight = head.weight
+        opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+        k = num_classes
+
+        def loss_fn(x, y):
+            return F.cross_entropy(head(x), y)
+    else:
+        head = PartialFC(
+            num_classes,
+            embedding_size,
+            sample_rate=sample_rate,
+            update="dense" if method == "dense" else "sparse",
+            chunk_size=chunk_size if method == "chunked" else None,
+            seed=seed,
+            device=dev,
+        )
+        weight = head.weight
+        opt = head.make_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+        k = head.num_sampled if sample_rate < 1.0 else head.n_local
+        loss_fn = head
+    gen = torch.Generator().manual_seed(seed)
+    times = []
+    for i in range(warmup + repeats):
+        x = torch.randn(batch_size, embedding_size, generator=gen).to(dev).requires_grad_()
+        y = torch.randint(num_classes, (batch_size,), generator=gen).to(dev)
+        if cuda:
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        loss = loss_fn(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(dev)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    state_bytes = sum(
+        v.numel() * v.element_size()
+        for s in opt.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor)
+    )
+    model_bytes = weight.numel() * weight.element_size() + state_bytes
+    return {
+        "method": method,
+        "num_classes": num_classes,
+        "sample_rate": 1.0 if method == "linear" else sample_rate,
+        "k": k,
+        "embedding_size": embedding_size,
+        "batch_size": batch_size,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "step_ms": 1e3 * statistics.median(times),
+        "step_ms_min": 1e3 * min(times),
+        "step_ms_all": [1e3 * t for t in times],
+        "peak_bytes": int(peak),
+        "model_bytes": int(model_bytes),
+        "centers_bytes": int(weight.numel() * weight.element_size()),
+        "chunk_size": chunk_size if method == "chunked" else None,
+        "loss": float(loss.detach()),
+    }
+
+
+def measure_in_subprocess(
+    function: str,
+    kwargs: Mapping[str, Any],
+    timeout: float | None = 600.0,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Call ``function(**kwargs)`` in a fresh Python interpreter and return its JSON result.
+
+    Peak-memory figures (``ru_maxrss``, CUDA peak allocation) are per process, so each measurement
+    point needs a process of its own; this runs ``python -c`` with the current interpreter,
+    importing ``function`` by its dotted name (``"package.module:name"``, e.g.
+    ``"pfcrepro.headbench:measure"``). The child runs in the repository root. ``kwargs``
+    and the result must be JSON-serialisable. The child inherits the environment plus ``env``.
+
+    Raises:
+        RuntimeError: naming the function, its arguments and the child's stderr if it fails.
+    """
+    if ":" not in function:
+        raise ValueError(f"function must be 'package.module:name', got {function!r}")
+    module, name = function.split(":", 1)
+    code = (
+        "import importlib, json, sys\n"
+        f"fn = getattr(importlib.import_module({module!r}), {name!r})\n"
+        "result = fn(**json.loads(sys.stdin.read()))\n"
+        "sys.stdout.write('\\n@@RESULT@@' + json.dumps(result) + '\\n')\n"
+    )
+    child_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(dict(kwargs)),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env,
+        cwd=_repo_root_or_cwd(),
+    )
+    if proc.returncode != 0 or "@@RESULT@@" not in proc.stdout:
+        tail = proc.stderr[-3000:]
+        raise RuntimeError(
+            f"{function}(**{dict(kwargs)!r}) failed in a subprocess (exit code {proc.returncode}):\n{tail}"
+        )
+    return json.loads(proc.stdout.rsplit("@@RESULT@@", 1)[1])
+
+
+# Per-rank layouts of the head measured by :func:`measure_head_grid`: (label, benchmark method,
+# whether the classes are sharded over W ranks, whether the rank sees the gathered W * B rows, sampled).
+_LAYOUTS = (
+    ("data parallel", "dense", False, False, False),
+    ("model parallel", "dense", True, True, False),
+    ("PFC dense", "dense", True, True, True),
+    ("PFC sparse", "sparse", True, True, True),
+)
+
+
+def head_layouts(sample_rate: float) -> list[str]:
+    """Names of the head layouts :func:`measure_head_grid` measures, in its order."""
+    return [f"{name} r={sample_rate:g}" if sampled else name for name, *_, sampled in _LAYOUTS]
+
+
+def measure_head_grid(
+    classes: Sequence[int],
+    world_size: int,
+    batch_size: int,
+    embedding_size: int,
+    sample_rate: float,
+    dp_max_classes: int,
+    repeats: int = 3,
+    warmup: int = 1,
+    device: str = "cpu",
+    function: str = "pfcrepro.headbench:measure",
+    log: Callable[[str], None] | None = print,
+    runner: Callable[[str, Mapping[str, Any]], Mapping[str, Any]] | None = None,
+) -> pd.DataFrame:
+    """Peak memory and step time of one rank's classification head, per layout and class count.
+
+    Every point runs ``function`` (default: :func:`measure`, one training step = forward +
+    backward + SGD step on random embeddings) in a fresh process
+    (:func:`measure_in_subprocess`), so its peak memory is its own. A rank of a ``world_size``-rank
+    job is emulated in one process:
+
+    * ``data parallel``: the rank holds all ``C`` centers and its own ``batch_size`` rows;
+    * ``model parallel``: ``C / W`` centers (rank 0's shard) and the gathered ``W * batch_size`` rows;
+    * ``PFC dense r`` / ``PFC sparse r``: as model parallel, sampling ``k = int(r * C / W)`` classes,
+      with the dense (reference) or sparse (only sampled rows move) center update.
+
+    Communication is not included (one process). Labels are drawn among the rank's own classes, so
+    every gathered row is a positive of this rank; for ``k`` much larger than ``W * batch_size``
+    this does not change the cost. Data parallel is skipped above ``dp_max_classes`` (its
+    ``C x D`` matrix, gradient and momentum would exceed the machine); such points, and points whose
+    process fails (out of memory), are rows with an ``error`` string and NaN figures.
+
+    ``runner(function, kwargs) -> record`` performs one measurement (default
+    :func:`measure_in_subprocess`); the record needs ``k``, ``step_ms``, ``peak_bytes`` and
+    ``model_bytes``. A runner raising ``RuntimeError`` marks the point as failed.
+
+    Returns:
+        One row per (classes, layout): ``layout``, ``num_classes``, ``world_size``,
+        ``classes_per_rank``, ``rows_per_rank``, ``sample_rate``, ``k``, ``step_ms`` (median),
+        ``samples_per_s`` (global: ``W * batch_size`` images per step), ``peak_mb`` (peak memory of the
+        step above the process's baseline, MiB), ``model_mb`` (centers + optimizer state, MiB), ``error``.
+    """
+    import pandas as pd
+
+    if world_size < 1 or batch_size < 1 or embedding_size < 1:
+        raise ValueError(
+            f"world_size, batch_size and embedding_size must be >= 1, got {world_size}, {batch_size}, {embedding_size}"
+        )
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    rows = []
+    for c in classes:
+        if int(c) < world_size:
+            raise ValueError(
+                f"num_classes {c} is smaller than world_size {world_size}: some rank would own no class"
+            )
+        for label, (_, method, sharded, gathered, sampled) in zip(head_layouts(sample_rate), _LAYOUTS):
+            per_rank = int(c) // world_size + (int(c) % world_size > 0) if sharded else int(c)
+            n_rows = batch_size * world_size if gathered else batch_size
+            r = sample_rate if sampled else 1.0
+            row: dict[str, Any] = {
+                "layout": label,
+                "num_classes": int(c),
+                "world_size": world_size,
+                "classes_per_rank": per_rank,
+                "rows_per_rank": n_rows,
+                "sample_rate": r,
+                "k": float("nan"),
+                "step_ms": float("nan"),
+                "samples_per_s": float("nan"),
+                "peak_mb": float("nan"),
+                "model_mb": float("nan"),
+                "error": "",
+            }
+            if not sharded and int(c) > dp_max_classes:
+                row["error"] = f"skipped: C={c} > dp_max_classes={dp_max_classes}"
+            else:
+                kwargs = {
+                    "method": method,
+                    "num_classes": per_rank,
+                    "sample_rate": r,
+                    "embedding_size": embedding_size,
+                    "batch_size": n_rows,
+                    "repeats": repeats,
+                    "warmup": warmup,
+                    "device": device,
+                }
+                try:
+                    rec = (runner or measure_in_subprocess)(function, kwargs)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    row["error"] = str(exc).strip().splitlines()[-1][:300]
+                else:
+                    row.update(
+                        k=float(rec["k"]),
+                        step_ms=float(rec["step_ms"]),
+                        samples_per_s=batch_size * world_size / (float(rec["step_ms"]) / 1e3),
+                        peak_mb=float(rec["peak_bytes"]) / 2**20,
+                        model_mb=float(rec["model_bytes"]) / 2**20,
+                    )
+            rows.append(row)
+            if log is not None:
+                shown = row["error"] or f"{row['step_ms']:.1f} ms, peak {row['peak_mb']:.0f} MiB"
+                log(f"C={int(c):>10,} {label:<22} {shown}")
+    return pd.DataFrame(rows)
+
+
+def _repo_root_or_cwd() -> Path:
+    from pfclib.paths import repo_root
+
+    try:
+        return repo_root()
+    except FileNotFoundError:
+        return Path.cwd()

@@ -1,0 +1,119 @@
+"""pfcrepro.headbench: one head step measured in a fresh process, the per-layout grid, and the CLI script."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+from pfcrepro import headbench
+
+
+def test_measure_in_subprocess_round_trips_json():
+    assert headbench.measure_in_subprocess("json:dumps", {"obj": [1, 2], "separators": [",", ":"]}) == "[1,2]"
+    with pytest.raises(RuntimeError, match="json:loads"):
+        headbench.measure_in_subprocess("json:loads", {"s": "not json"})
+    with pytest.raises(ValueError, match="module:name"):
+        headbench.measure_in_subprocess("json.dumps", {})
+
+
+def test_measure_head_grid_emulates_one_rank_per_layout():
+    calls = []
+
+    def runner(function, kwargs):
+        calls.append(dict(kwargs))
+        if kwargs["method"] == "sparse" and kwargs["num_classes"] > 100:
+            raise RuntimeError("CUDA out of memory")
+        k = max(int(kwargs["sample_rate"] * kwargs["num_classes"]), 1)
+        return {"k": k, "step_ms": 2.0 * kwargs["batch_size"], "peak_bytes": 2**20 * k, "model_bytes": 2**21}
+
+    df = headbench.measure_head_grid(
+        [80, 1000], world_size=4, batch_size=8, embedding_size=16, sample_rate=0.5, dp_max_classes=500,
+        runner=runner, log=None,
+    )  # fmt: skip
+    assert list(df["layout"][:4]) == headbench.head_layouts(0.5) == [
+        "data parallel", "model parallel", "PFC dense r=0.5", "PFC sparse r=0.5",
+    ]  # fmt: skip
+    first = {row.layout: row for row in df[df["num_classes"] == 80].itertuples()}
+    assert (first["data parallel"].classes_per_rank, first["data parallel"].rows_per_rank) == (80, 8)
+    assert (first["model parallel"].classes_per_rank, first["model parallel"].rows_per_rank) == (20, 32)
+    assert first["PFC dense r=0.5"].k == 10 and first["model parallel"].k == 20
+    # throughput counts the images of all W ranks: W * B per step
+    assert first["model parallel"].samples_per_s == pytest.approx(32 / (64e-3))
+    assert (
+        first["PFC dense r=0.5"].peak_mb == pytest.approx(10.0) and first["PFC dense r=0.5"].model_mb == 2.0
+    )
+    big = {row.layout: row for row in df[df["num_classes"] == 1000].itertuples()}
+    assert big["data parallel"].error.startswith("skipped") and math.isnan(big["data parallel"].step_ms)
+    assert "out of memory" in big["PFC sparse r=0.5"].error and math.isnan(big["PFC sparse r=0.5"].peak_mb)
+    assert big["model parallel"].error == "" and big["model parallel"].classes_per_rank == 250
+    assert len(calls) == 7  # the skipped data-parallel point never ran
+    assert [c["method"] for c in calls[:4]] == ["dense", "dense", "dense", "sparse"]
+    with pytest.raises(ValueError, match="world_size"):
+        headbench.measure_head_grid([3], 4, 8, 16, 0.5, 10, runner=runner, log=None)
+
+
+def test_measure_head_grid_runs_the_harness_measure_by_default():
+    import inspect
+
+    assert inspect.signature(headbench.measure_head_grid).parameters["function"].default == (
+        "pfcrepro.headbench:measure"
+    )
+    rec = headbench.measure_in_subprocess(
+        "pfcrepro.headbench:measure",
+        {"method": "sparse", "num_classes": 40, "sample_rate": 0.5, "embedding_size": 4, "batch_size": 2,
+         "repeats": 1, "warmup": 1},
+    )  # fmt: skip
+    assert rec["k"] == 20 and rec["step_ms"] > 0
+
+
+def _benchmark_script():
+    """benchmarks/head.py, the command line over headbench.measure, loaded as a module."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "head.py"
+    spec = importlib.util.spec_from_file_location("bench_head", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_measure_runs_at_tiny_size():
+    for method in headbench.METHODS:
+        rec = headbench.measure(
+            method, 300, 0.1, embedding_size=8, batch_size=4, repeats=1, warmup=1, chunk_size=16
+        )
+        assert rec["step_ms"] > 0 and rec["model_bytes"] >= 300 * 8 * 4 and math.isfinite(rec["loss"])
+    assert rec["k"] == 30
+
+
+def test_benchmark_script_uses_the_harness_and_checks_targets():
+    bench = _benchmark_script()
+    assert bench.measure is headbench.measure and bench.METHODS == headbench.METHODS
+    targets = bench.check_targets(
+        [
+            {
+                "method": "sparse",
+                "num_classes": 100_000,
+                "k": 10,
+                "step_ms": 10.0,
+                "peak_bytes": 1,
+                "embedding_size": 4,
+            },
+            {
+                "method": "sparse",
+                "num_classes": 1_000_000,
+                "k": 10,
+                "step_ms": 13.0,
+                "peak_bytes": 1,
+                "embedding_size": 4,
+            },
+        ]
+    )
+    assert targets[0]["time_ok"] is False and targets[0]["memory_ok"] is True
+
+
+def test_benchmark_grid_adds_same_k_reference_points():
+    bench = _benchmark_script()
+    # r = 0.1 at 1M is k = 100k: at 100k classes that k needs r = 1.0; r = 0.01 (k = 10k) is 0.1 there, already in
+    assert bench._same_k_rates([100_000, 1_000_000], [0.1, 0.01]) == {100_000: [1.0]}
+    # a k larger than the smaller C cannot be matched
+    assert bench._same_k_rates([1_000, 1_000_000], [0.1]) == {}
