@@ -15,7 +15,6 @@ export PATH := $(BIN):$(PATH)
 export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
-export MPLBACKEND := Agg
 
 .PHONY: reproduce test
 reproduce: $(STAMP)

@@ -75,6 +75,15 @@ def run_notebook(
     parameters.update(extra or {})
     final = out / notebook.name
     tmp = out / f".{notebook.stem}.running.ipynb"
+    # The kernel inherits this environment; a non-inline backend there (MPLBACKEND=Agg, common in
+    # headless shells) would leave the executed copy without a single figure. The kernel's default
+    # (inline) backend embeds them; figures saved to files are unaffected.
+    backend = os.environ.pop("MPLBACKEND", None)
+    if backend is not None and "inline" not in backend:
+        print(
+            f"note: ignoring MPLBACKEND={backend} so that the executed notebook shows its figures",
+            file=sys.stderr,
+        )
     try:
         papermill.execute_notebook(
             str(notebook),
@@ -91,6 +100,9 @@ def run_notebook(
             shutil.move(tmp, failed)
             print(f"notebook failed; the partly executed copy is at {failed}", file=sys.stderr)
         raise
+    finally:
+        if backend is not None:
+            os.environ["MPLBACKEND"] = backend
     os.replace(tmp, final)
     return final
 

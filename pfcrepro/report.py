@@ -83,10 +83,20 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
     return path
 
 
-VERDICTS = ("reproduced", "not reproduced", "partly reproduced", "inconclusive", "extrapolated")
+VERDICTS = (
+    "reproduced",
+    "not reproduced",
+    "partly reproduced",
+    "inconclusive",
+    "extrapolated",
+    "control failed",
+    "smoke test",
+)
 """The verdicts a headline may carry. ``"extrapolated"``: the claim concerns a scale not measured
 here, and a figure extrapolated from the measured ones agrees with it (the row's ``measured``
-text says from what); it is weaker than ``"reproduced"``."""
+text says from what); it is weaker than ``"reproduced"``. ``"control failed"``: the experiment's
+positive control did not show a resolved loss, so the instrument is not shown to see and no verdict
+is given. ``"smoke test"``: a tiny run (the notebooks' defaults, nbval) that gives no verdict."""
 
 
 def headline(claim: str, paper: str, measured: str, verdict: str) -> dict[str, str]:
@@ -113,3 +123,44 @@ def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
             clean[str(key)] = value
         out.append(clean)
     return out
+
+
+def comparison_text(row: Mapping[str, Any], level: str, treatment: str, baseline: str) -> str:
+    """The ``measured`` cell of a headline from one row of :func:`pfcrepro.stats.judge`: both arms'
+    accuracy, the paired difference with its interval, the number of seeds and the resolution of the
+    design (interval half-width), all in accuracy points, prefixed by the instrument ``level``
+    (e.g. ``"features, C=100,000"`` or ``"images, C=2,000"``)."""
+    if math.isfinite(row["low"]):
+        interval = f"95% CI [{100 * row['low']:+.2f}, {100 * row['high']:+.2f}]"
+        resolves = f", resolves +-{100 * row['half_width']:.2f} pp"
+    else:
+        interval, resolves = "(one seed: no interval)", ""
+    return (
+        f"[{level}] {baseline} {100 * row['baseline']:.2f} vs {treatment} {100 * row['treatment']:.2f} "
+        f"(verification acc %); diff {100 * row['mean']:+.2f} pp, {interval}, {int(row['n'])} seeds{resolves}"
+    )
+
+
+def claim_headlines(
+    judged: pd.DataFrame, comparisons: list[Mapping[str, Any]], level: str
+) -> list[dict[str, str]]:
+    """Headline rows for the claims of a judged design (:func:`pfcrepro.stats.judge`).
+
+    Every comparison that carries ``claim`` and ``paper`` texts becomes one row: the measured cell by
+    :func:`comparison_text` (arms named by the ``method`` of treatment and baseline, prefixed by
+    ``level``), the verdict from ``judged``. Comparisons without a ``claim`` (controls, secondary
+    contrasts) are left out of the README but stay in the notebook's table.
+    """
+    rows = []
+    by_name = {r["name"]: r for r in judged.to_dict("records")}
+    for comp in comparisons:
+        if "claim" not in comp:
+            continue
+        if "paper" not in comp:
+            raise ValueError(f"comparison {comp['name']!r} has a claim but no 'paper' text")
+        row = by_name[comp["name"]]
+        names = [" ".join(str(v) for v in comp[side].values()) for side in ("treatment", "baseline")]
+        rows.append(
+            headline(comp["claim"], comp["paper"], comparison_text(row, level, *names), row["verdict"])
+        )
+    return rows

@@ -7,13 +7,14 @@ how large an effect is and whether a claim of the paper held.
   :data:`pfcrepro.report.VERDICTS` by a criterion the notebook states in its prose; "not
   reproduced" only when the interval excludes the claim;
 * :func:`control_passed` (did a change known to hurt show a resolved loss?) and :func:`resolution`
-  (the interval half-width and the minimum detectable effect of a paired design).
+  (the interval half-width and the minimum detectable effect of a paired design);
+* :func:`judge`: a design's controls and claims in one table, with no verdict when a control fails.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,8 @@ __all__ = [
     "equivalence_verdict",
     "control_passed",
     "resolution",
+    "judge",
+    "COMPARISON_KINDS",
 ]
 
 
@@ -239,3 +242,126 @@ def equivalence_verdict(mean: float, low: float, high: float, margin: float) -> 
     if high <= -margin or low >= margin:
         return "not reproduced"
     return "inconclusive"
+
+
+COMPARISON_KINDS = ("control", "superiority", "equivalence")
+
+
+def judge(
+    runs: pd.DataFrame,
+    value: str,
+    comparisons: Sequence[Mapping[str, Any]],
+    pair_on: str = "seed",
+    confidence: float = 0.95,
+    smoke: bool = False,
+    skip_missing: bool = False,
+) -> pd.DataFrame:
+    """Paired comparisons of a design, each with its interval, resolution and verdict.
+
+    Args:
+        runs: one row per run, with the columns named in the comparisons, ``pair_on`` and ``value``.
+        value: the measured column (e.g. ``"acc"``).
+        comparisons: each a mapping with ``name``; ``kind`` (one of :data:`COMPARISON_KINDS`);
+            ``treatment`` and ``baseline``, each ``{column: level}`` selecting one arm (e.g.
+            ``{"condition": "flip40", "method": "full FC"}``); ``relevant`` (superiority: the
+            smallest improvement that counts as the claimed effect) or ``margin`` (equivalence); and
+            optionally ``controls``, the names of the controls that validate this claim (default:
+            every control of the design).
+        smoke: a smoke test (tiny defaults): every verdict is ``"smoke test"``.
+        skip_missing: leave out comparisons with an arm that has no run (a smaller design sharing
+            the comparison list, e.g. the image-level one); by default that is an error.
+
+    Rules:
+        * ``control``: a change known to hurt; it *passes* when its interval lies below 0
+          (:func:`control_passed`). If a claim's control fails, the instrument has not shown it can
+          see an effect and the claim's verdict is ``"control failed"`` (no verdict).
+        * ``superiority``: :func:`superiority_verdict` with ``relevant``.
+        * ``equivalence``: :func:`equivalence_verdict` with ``margin``.
+
+    Returns:
+        One row per comparison: ``name``, ``kind``, ``n`` (pairs), ``treatment``, ``baseline`` (arm
+        means), ``mean``, ``low``, ``high`` (the difference and its interval), ``half_width`` and
+        ``mde`` (:func:`resolution`; NaN for one pair), ``verdict`` (claims) or ``passed`` (controls).
+    """
+    rows = []
+    kept = []
+    for comp in comparisons:
+        kind = comp.get("kind")
+        if kind not in COMPARISON_KINDS:
+            raise ValueError(
+                f"comparison {comp.get('name')!r}: kind must be one of {COMPARISON_KINDS}, got {kind!r}"
+            )
+        arms = {}
+        for side in ("treatment", "baseline"):
+            sel = comp.get(side)
+            if not isinstance(sel, Mapping) or not sel:
+                raise ValueError(f"comparison {comp.get('name')!r}: {side} must be a mapping column -> level")
+            mask = np.ones(len(runs), dtype=bool)
+            for column, level in sel.items():
+                if column not in runs.columns:
+                    raise KeyError(
+                        f"comparison {comp.get('name')!r}: column {column!r} not in the runs table"
+                    )
+                mask &= (runs[column] == level).to_numpy()
+            arm = runs[mask]
+            if arm.empty and skip_missing:
+                break
+            if arm.empty:
+                raise ValueError(f"comparison {comp.get('name')!r}: no run matches {side} {dict(sel)}")
+            if arm[pair_on].duplicated().any():
+                raise ValueError(
+                    f"comparison {comp.get('name')!r}: {side} {dict(sel)} has several runs per {pair_on}"
+                )
+            arms[side] = arm.set_index(pair_on)[value]
+        if len(arms) < 2:
+            continue
+        kept.append(comp)
+        common = arms["treatment"].index.intersection(arms["baseline"].index)
+        if common.empty:
+            raise ValueError(f"comparison {comp.get('name')!r}: no {pair_on} appears in both arms")
+        t = arms["treatment"].loc[common].to_numpy(np.float64)
+        b = arms["baseline"].loc[common].to_numpy(np.float64)
+        mean, low, high = mean_interval(t - b, confidence)
+        res = resolution(t - b, confidence) if t.size > 1 else {"half_width": math.nan, "mde": math.nan}
+        row = {
+            "name": comp["name"],
+            "kind": kind,
+            "n": int(t.size),
+            "treatment": float(t.mean()),
+            "baseline": float(b.mean()),
+            "mean": mean,
+            "low": low,
+            "high": high,
+            "half_width": res["half_width"],
+            "mde": res["mde"],
+            "passed": None,
+            "verdict": None,
+        }
+        if kind == "control":
+            row["passed"] = control_passed(low, high)
+        elif kind == "superiority":
+            row["verdict"] = superiority_verdict(mean, low, high, float(comp.get("relevant", 0.0)))
+        else:
+            if "margin" not in comp:
+                raise ValueError(f"comparison {comp.get('name')!r}: an equivalence needs a margin")
+            row["verdict"] = equivalence_verdict(mean, low, high, float(comp["margin"]))
+        rows.append(row)
+    if not rows:
+        raise ValueError("no comparison of the list has runs in both arms")
+    out = pd.DataFrame(rows)
+    passed = {r.name: bool(r.passed) for r in out.itertuples() if r.kind == "control"}
+    for i, comp in enumerate(kept):
+        if comp["kind"] == "control":
+            continue
+        if smoke:
+            out.loc[i, "verdict"] = "smoke test"
+            continue
+        needed = comp.get("controls", list(passed))
+        unknown = [c for c in needed if c not in passed]
+        if unknown:
+            raise ValueError(
+                f"comparison {comp['name']!r} names controls {unknown} that are not in the design"
+            )
+        if not all(passed[c] for c in needed):
+            out.loc[i, "verdict"] = "control failed"
+    return out

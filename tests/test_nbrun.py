@@ -41,3 +41,27 @@ def test_repository_params_have_both_profiles_for_every_stage():
         if name == "profile" or name.startswith("_"):
             continue
         assert {"cpu", "gpu"} <= set(block), f"params.yaml section {name!r} needs cpu and gpu profiles"
+
+
+def test_executed_notebook_keeps_its_figures_under_a_headless_backend(tmp_path, monkeypatch):
+    """MPLBACKEND=Agg in the caller's environment must not strip the figures from the executed copy."""
+    import json
+
+    import nbformat
+
+    from pfcrepro.nbrun import run_notebook
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell('out_dir = "scratch/x"', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0])\nplt.show()"),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    source = tmp_path / "figure.ipynb"
+    nbformat.write(nb, source)
+    params = write(tmp_path, {"profile": "cpu", "s": {"cpu": {}, "gpu": {}}})
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    executed = run_notebook(source, "s", tmp_path / "out", params_file=params, profile="cpu")
+    outputs = json.loads(executed.read_text())["cells"][-1]["outputs"]
+    assert any("image/png" in o.get("data", {}) for o in outputs), outputs
+    assert __import__("os").environ["MPLBACKEND"] == "Agg"  # the caller's environment is restored

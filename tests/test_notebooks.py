@@ -168,7 +168,7 @@ def test_script_stage_deps_cover_their_imports():
     stages = DVC["stages"]
     scripts = {
         "benchmark_head": ROOT / "benchmarks" / "head.py",
-        "results_table": ROOT / "tools" / "results_table.py",
+        "results_page": ROOT / "pfcrepro" / "results_page.py",
         "data": ROOT / "pfclib" / "data" / "synthetic.py",
     }
     for name, script in scripts.items():
@@ -216,20 +216,7 @@ def test_neither_package_imports_the_benchmark_scripts():
     assert not hits, f"benchmarks/ imports pfcrepro, never the reverse: {hits}"
 
 
-# Notebook 02 still defines a helper in a cell; it moves into pfcrepro with the next change to 02.
-_DEFINES_FUNCTION = {"02_noise_robustness.ipynb"}
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="defines claim_row; to move to pfcrepro"))
-        if p.name in _DEFINES_FUNCTION
-        else p
-        for p in NOTEBOOKS
-    ],
-    ids=lambda p: p.name,
-)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_defines_no_function(path):
     defined = [
         node.name if hasattr(node, "name") else "lambda"

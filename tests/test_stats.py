@@ -145,3 +145,95 @@ def test_verdicts_reject_bad_inputs():
         stats.equivalence_verdict(0.0, -1.0, 1.0, margin=0.0)
     with pytest.raises(ValueError, match="finite"):
         stats.superiority_verdict(float("nan"), 0.0, 1.0)
+
+
+def _design(control_gap: float) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(6):
+        shared = rng.normal(0, 0.01)  # what arms of one seed share: pairing removes it
+        for cond, method, effect in (
+            ("clean", "full", 0.0),
+            ("noisy", "full", -control_gap),
+            ("noisy", "pfc", -control_gap + 0.03),
+        ):
+            rows.append(
+                {
+                    "condition": cond,
+                    "method": method,
+                    "seed": seed,
+                    "acc": 0.9 + effect + shared + rng.normal(0, 0.002),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+_COMPARISONS = [
+    {
+        "name": "noise hurts",
+        "kind": "control",
+        "treatment": {"condition": "noisy", "method": "full"},
+        "baseline": {"condition": "clean", "method": "full"},
+    },
+    {
+        "name": "pfc better",
+        "kind": "superiority",
+        "relevant": 0.01,
+        "treatment": {"condition": "noisy", "method": "pfc"},
+        "baseline": {"condition": "noisy", "method": "full"},
+    },
+    {
+        "name": "pfc same as clean",
+        "kind": "equivalence",
+        "margin": 0.01,
+        "treatment": {"condition": "noisy", "method": "pfc"},
+        "baseline": {"condition": "clean", "method": "full"},
+    },
+]
+
+
+def test_judge_pairs_on_seed_and_gives_verdicts_when_controls_pass():
+    out = stats.judge(_design(0.05), "acc", _COMPARISONS).set_index("name")
+    assert out.loc["noise hurts", "passed"]
+    assert out.loc["noise hurts", "high"] < 0
+    assert out.loc["pfc better", "verdict"] == "reproduced"
+    assert out.loc["pfc better", "mean"] == pytest.approx(0.03, abs=0.005)
+    # pairing: the shared per-seed term (sd 0.01) does not widen the interval (per-run noise 0.002)
+    assert out.loc["pfc better", "half_width"] < 0.005
+    assert out.loc["pfc same as clean", "verdict"] == "not reproduced"  # -0.02, outside +-0.01
+    assert out.loc["pfc better", "n"] == 6
+
+
+def test_judge_withholds_verdicts_when_a_control_fails():
+    out = stats.judge(_design(0.0), "acc", _COMPARISONS).set_index("name")
+    assert not out.loc["noise hurts", "passed"]
+    assert (out.loc[["pfc better", "pfc same as clean"], "verdict"] == "control failed").all()
+    # a claim validated by another control keeps its verdict
+    own = [*_COMPARISONS[:2], {**_COMPARISONS[2], "controls": []}]
+    assert stats.judge(_design(0.0), "acc", own).set_index("name").loc["pfc same as clean", "verdict"] == (
+        "not reproduced"
+    )
+    with pytest.raises(ValueError, match="not in the design"):
+        stats.judge(_design(0.0), "acc", [*_COMPARISONS[:2], {**_COMPARISONS[2], "controls": ["x"]}])
+    smoke = stats.judge(_design(0.05), "acc", _COMPARISONS, smoke=True).set_index("name")
+    assert (smoke.loc[["pfc better", "pfc same as clean"], "verdict"] == "smoke test").all()
+
+
+def test_judge_rejects_bad_comparisons():
+    df = _design(0.05)
+    with pytest.raises(ValueError, match="kind"):
+        stats.judge(df, "acc", [{**_COMPARISONS[1], "kind": "better"}])
+    with pytest.raises(ValueError, match="no run matches"):
+        stats.judge(df, "acc", [{**_COMPARISONS[1], "treatment": {"method": "nope"}}])
+    with pytest.raises(ValueError, match="margin"):
+        stats.judge(df, "acc", [{k: v for k, v in _COMPARISONS[2].items() if k != "margin"}])
+
+
+def test_judge_skips_comparisons_without_runs_only_when_asked():
+    df = _design(0.05)
+    extra = {**_COMPARISONS[1], "name": "absent arm", "treatment": {"condition": "noisy", "method": "other"}}
+    with pytest.raises(ValueError, match="no run matches"):
+        stats.judge(df, "acc", [*_COMPARISONS, extra])
+    out = stats.judge(df, "acc", [*_COMPARISONS, extra], skip_missing=True)
+    assert list(out["name"]) == [c["name"] for c in _COMPARISONS]
+    assert out.set_index("name").loc["pfc better", "verdict"] == "reproduced"

@@ -1,13 +1,9 @@
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
+from pfcrepro import results_page as results_table
 from pfcrepro.report import headline, save_metrics
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import results_table  # noqa: E402
 
 
 def test_table_is_built_from_metrics_and_spliced_into_readme(tmp_path):
