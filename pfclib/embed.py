@@ -1,0 +1,151 @@
+"""Embeddings of a data set by a trained backbone: the protocol's flip-sum, written as ``.npy``.
+
+    python -m pfclib.embed --checkpoint RUN_OR_CKPT --data PATH [--kind folder] --out emb.npy
+
+``--checkpoint`` is a checkpoint file or a run folder (its newest checkpoint). Every image of the
+data set is resized to the backbone's input size, embedded together with its horizontal mirror, the
+two embeddings summed and L2-normalised (as :func:`pfclib.eval.embed` does for verification), and
+the rows are written in the data set's reading order:
+
+* ``<out>``: float32 ``(N, D)``, unit rows;
+* ``<out stem>.labels.npy``: int64 ``(N,)``, the data set's label of each row;
+* ``<out stem>.json``: where the embeddings came from (checkpoint, its training step, backbone, data,
+  kind, flip, count, dimension) and, for an image folder, each row's file (relative to the folder)
+  and the identity name of each label.
+
+All three are written through temporary names: a run that fails leaves none of them behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pfclib.io import atomic_path
+
+__all__ = ["embed_dataset", "resolve_checkpoint", "write_embeddings", "main"]
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file as given, or the newest checkpoint of a run folder."""
+    from pfclib.checkpoint import checkpoint_dir, find_latest
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        latest = find_latest(path)
+        if latest is None:
+            raise FileNotFoundError(
+                f"{path} is a folder without checkpoints: expected a checkpoint file or a run folder "
+                f"holding {checkpoint_dir(path).name}/ckpt_<step>.pt"
+            )
+        return latest
+    raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (expected a file or a run folder)")
+
+
+def embed_dataset(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    batch_size: int = 256,
+    flip: bool = True,
+    num_workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embed every item ``(image, label)`` of ``dataset`` in order: ``(float32 (N, D), int64 (N,))``.
+
+    Images are those the data set yields (normalised float32 ``(3, S, S)``); each batch goes
+    through :func:`pfclib.eval.embed` (eval mode, no grad, flip-sum, L2 normalisation).
+    """
+    from pfclib.eval import embed
+
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("the data set is empty: nothing to embed")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
+    rows, labels = [], []
+    for images, y in loader:
+        rows.append(embed(model, images, batch_size=batch_size, flip=flip).astype(np.float32))
+        labels.append(np.asarray(y, dtype=np.int64))
+    return np.concatenate(rows), np.concatenate(labels)
+
+
+def _companions(out: Path) -> tuple[Path, Path]:
+    stem = out.with_suffix("")
+    return stem.with_name(stem.name + ".labels.npy"), stem.with_name(stem.name + ".json")
+
+
+def write_embeddings(
+    out: str | os.PathLike, emb: np.ndarray, labels: np.ndarray, meta: dict[str, Any]
+) -> None:
+    """Write ``out`` (``.npy``), its labels and its JSON description, each through a temporary name."""
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise ValueError(f"--out must name a .npy file, got {str(out)!r}")
+    labels_path, meta_path = _companions(out)
+    with atomic_path(out) as t1, atomic_path(labels_path) as t2, atomic_path(meta_path) as t3:
+        with open(t1, "wb") as f:
+            np.save(f, emb)
+        with open(t2, "wb") as f:
+            np.save(f, labels)
+        t3.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pfclib.checkpoint import load_backbone
+    from pfclib.data import DATASET_KINDS, build_dataset
+
+    parser = argparse.ArgumentParser(prog="python -m pfclib.embed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint file, or a run folder (its newest)")
+    parser.add_argument("--data", required=True, help="the data set to embed (path, relative to here)")
+    parser.add_argument(
+        "--kind", default="folder", choices=DATASET_KINDS, help="its format (default: folder)"
+    )
+    parser.add_argument("--out", required=True, help="the .npy file to write (labels and JSON beside it)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    parser.add_argument("--no-flip", action="store_true", help="do not add the mirrored image's embedding")
+    parser.add_argument("--device", default="cpu", help="torch device of the backbone (default cpu)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be a positive number of images, got {args.batch_size}")
+    if Path(args.out).suffix != ".npy":
+        parser.error(f"--out must name a .npy file, got {args.out!r}")
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    model, config = load_backbone(ckpt, map_location=args.device)
+    dataset = build_dataset(args.kind, args.data, image_size=int(config["image_size"]))
+    emb, labels = embed_dataset(model, dataset, batch_size=args.batch_size, flip=not args.no_flip)
+    meta: dict[str, Any] = {
+        "checkpoint": str(ckpt),
+        "step": int(m.group(1)) if (m := re.fullmatch(r"ckpt_(\d+)\.pt", ckpt.name)) else None,
+        "backbone": config["backbone"],
+        "image_size": int(config["image_size"]),
+        "data": str(args.data),
+        "kind": args.kind,
+        "flip": not args.no_flip,
+        "count": int(emb.shape[0]),
+        "dim": int(emb.shape[1]),
+    }
+    files = getattr(dataset, "files", None)
+    root = getattr(dataset, "root", None)
+    if files is not None and root is not None:
+        meta["files"] = [str(Path(f).relative_to(root)) for f in files]
+        meta["classes"] = list(getattr(dataset, "classes", []))
+    write_embeddings(args.out, emb, labels, meta)
+    print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {args.out} (+ labels, json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""python -m pfclib.embed: embeddings of an image folder by a checkpoint, against pfclib.eval.embed."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pfclib import models
+from pfclib.checkpoint import CHECKPOINT_FORMAT, checkpoint_path
+from pfclib.data import build_dataset
+from pfclib.embed import main, resolve_checkpoint
+from pfclib.eval import embed
+from pfclib.io import atomic_torch_save
+
+SIZE = 32
+
+
+def make_folder(root, identities=3, per=2, size=40):
+    rng = np.random.default_rng(0)
+    for i in range(identities):
+        (root / f"id{i}").mkdir(parents=True)
+        for j in range(per):
+            img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / f"id{i}" / f"{j}.png")
+    return root
+
+
+def make_run(run, step=7):
+    torch.manual_seed(0)
+    model = models.create("iresnet_tiny", embedding_size=8, image_size=SIZE)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "config": {"backbone": "iresnet_tiny", "embedding_size": 8, "image_size": SIZE},
+        "step": step,
+        "backbone": model.state_dict(),
+        "head": {},
+    }
+    atomic_torch_save(state, checkpoint_path(run, step))
+    return model.eval()
+
+
+def test_embeddings_equal_the_protocol_embedding_of_each_image_in_order(tmp_path):
+    data = make_folder(tmp_path / "faces")
+    model = make_run(tmp_path / "run")
+    out = tmp_path / "out" / "emb.npy"
+    assert main(["--checkpoint", str(tmp_path / "run"), "--data", str(data), "--out", str(out)]) == 0
+    emb, labels = np.load(out), np.load(tmp_path / "out" / "emb.labels.npy")
+    ds = build_dataset("folder", data, image_size=SIZE)  # resized to the backbone's input size
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    ref = embed(model, images, flip=True)
+    assert emb.dtype == np.float32 and emb.shape == (6, 8)
+    np.testing.assert_allclose(emb, ref, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-6)
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+    meta = json.loads((tmp_path / "out" / "emb.json").read_text())
+    assert meta["step"] == 7 and meta["flip"] is True and meta["count"] == 6 and meta["dim"] == 8
+    assert meta["files"][2] == "id1/0.png" and meta["classes"] == ["id0", "id1", "id2"]
+    # without the mirror the rows differ (the flag reaches the computation)
+    out2 = tmp_path / "noflip.npy"
+    main(["--checkpoint", str(tmp_path / "run"), "--data", str(data), "--out", str(out2), "--no-flip"])
+    np.testing.assert_allclose(np.load(out2), embed(model, images, flip=False), rtol=0, atol=1e-6)
+    assert np.abs(np.load(out2) - emb).max() > 1e-3
+
+
+def test_a_run_folder_resolves_to_its_newest_checkpoint(tmp_path):
+    make_run(tmp_path / "run", step=3)
+    make_run(tmp_path / "run", step=12)
+    assert resolve_checkpoint(tmp_path / "run").name == "ckpt_00000012.pt"
+    with pytest.raises(FileNotFoundError, match="folder without checkpoints"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nope.pt")
+
+
+def test_bad_input_is_named_and_leaves_no_file(tmp_path, capsys):
+    make_run(tmp_path / "run")
+    out = tmp_path / "emb.npy"
+    with pytest.raises(SystemExit):
+        main(
+            ["--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path), "--out", str(tmp_path / "e.txt")]
+        )
+    assert "--out must name a .npy file" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        main(["--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "missing"), "--out", str(out)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no identity sub-folders"):
+        main(["--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "empty"), "--out", str(out)])
+    assert not list(tmp_path.glob("emb*")) and not list(tmp_path.glob(".emb*"))
