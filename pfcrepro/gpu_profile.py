@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from pfclib.io import atomic_path, write_json
 from pfclib.paths import repo_root
 
 from .nbrun import run_notebook, stage_parameters
@@ -163,21 +162,20 @@ def run(
     # nbrun reads one profile block per section: the merged values go under the `gpu` key.
     record = {"profile": "gpu", **{s: {"gpu": v} for s, v in ran.items()}}
     budget = float(quick.get("budget_s", 600))
+    # Written first and read by every notebook run: the file records exactly what ran.
+    ran_params = out_dir / "params.yaml"
+    with atomic_path(ran_params) as tmp:
+        tmp.write_text(yaml.safe_dump(record, sort_keys=False))
     times: dict[str, float] = {}
     t_all = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="gpu_quick_") as tmp:
-        tmp_params = Path(tmp) / "params.yaml"
-        tmp_params.write_text(yaml.safe_dump(record, sort_keys=False))
-        for section in chosen:
-            notebook, stage_out = stages[section]
-            target = out_dir / Path(stage_out).name
-            log(f"[gpu-quick] {section}: {notebook} -> {target} on {device_name}")
-            t0 = time.perf_counter()
-            run_notebook(
-                notebook, section, target, tmp_params, profile="gpu", extra={"profile": PROFILE_LABEL}
-            )
-            times[section] = round(time.perf_counter() - t0, 1)
-            log(f"[gpu-quick] {section}: {times[section]:.0f} s")
+    for section in chosen:
+        notebook, stage_out = stages[section]
+        target = out_dir / Path(stage_out).name
+        log(f"[gpu-quick] {section}: {notebook} -> {target} on {device_name}")
+        t0 = time.perf_counter()
+        run_notebook(notebook, section, target, ran_params, profile="gpu", extra={"profile": PROFILE_LABEL})
+        times[section] = round(time.perf_counter() - t0, 1)
+        log(f"[gpu-quick] {section}: {times[section]:.0f} s")
     total = round(time.perf_counter() - t_all, 1)
     summary = {
         "device": device_name,
@@ -188,10 +186,7 @@ def run(
         "within_budget": total <= budget,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    (out_dir / "params.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
-    tmp_json = out_dir / ".run.json.tmp"
-    tmp_json.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp_json, out_dir / "run.json")
+    write_json(out_dir / "run.json", summary)
     log(f"[gpu-quick] total {total:.0f} s (budget {budget:.0f} s): {'within' if total <= budget else 'OVER'}")
     return summary
 
