@@ -3,21 +3,34 @@
 One step = forward + backward + optimizer step (SGD, momentum 0.9, weight decay 5e-4) on a
 ``(B, D)`` batch of embeddings standing in for the backbone output. Methods:
 
-* ``linear``  — a plain full-softmax ``nn.Linear(D, C, bias=False)`` + ``F.cross_entropy``
+* ``linear``   — a plain full-softmax ``nn.Linear(D, C, bias=False)`` + ``F.cross_entropy``
   (no normalisation, no margin; ignores the sample rate);
-* ``dense``   — ``PartialFC(update="dense")`` (reference semantics, O(C·D) optimizer step);
-* ``sparse``  — ``PartialFC(update="sparse")`` (only the k sampled rows move, O(k·D));
-* ``chunked`` — ``PartialFC(update="sparse", chunk_size=...)``: chunked logits on top of sparse.
+* ``baseline`` — the reference implementation's step written plainly here: ``index_select`` of the
+  sampled rows, normalise, matmul, ArcFace, cross-entropy, ``torch.optim.SGD`` over the whole
+  ``(C, D)`` matrix (dense gradient, every row moved by momentum and weight decay);
+* ``dense``    — ``PartialFC(update="dense")``, the library's default: the same result as the
+  baseline (``pfclib.optim.LazySGD``), at ``O(k·D)`` per step;
+* ``sparse``   — ``PartialFC(update="sparse")`` (only the k sampled rows move, O(k·D));
+* ``chunked``  — ``PartialFC(update="sparse", chunk_size=...)``: chunked logits on top of sparse.
 
 The measurement itself is :func:`pfcrepro.headbench.measure` (how memory is counted is said
-there); this script runs it over a grid, each configuration in a fresh subprocess so peak memories
-don't mix, checks the sparse head's targets and writes the records.
+there, and the compute floor: the step's three ``B x k x D`` products at this machine's measured
+matrix-product speed); this script runs it over a grid, each configuration in a fresh subprocess so
+peak memories don't mix. Then, as the machine is noisy, the comparisons the targets are about run
+in alternating pairs of fresh processes (A B, B A, A B, ...) and are reported per pair and as the
+median ratio:
 
-    python benchmarks/head.py                       # default grid, a few minutes on 2 cores
+* default (``dense``) against ``baseline`` at the largest C and the first rate: step time, peak memory;
+* ``dense`` at the largest C against the smallest C at the same k (flat in C);
+* ``--big C``: the default head alone at C classes (4M by default) under a 24 GiB address-space
+  limit; the baseline's need there is extrapolated from its measured per-class peak (running it
+  would exhaust this machine's memory).
+
+    python benchmarks/head.py                       # default grid + pairs, ~15 minutes on 2 cores
     python benchmarks/head.py --quick               # smoke test, seconds
     python benchmarks/head.py --classes 100000 1000000 --sample-rates 0.1 0.01 --methods sparse
 
-Writes a JSON list of records (plus the targets check) to ``results/benchmarks/head.json``.
+Writes a JSON (records, pairs, targets) to ``results/benchmarks/head.json``.
 """
 
 from __future__ import annotations
@@ -31,12 +44,17 @@ from typing import Any
 
 import torch
 
-from pfcrepro.headbench import METHODS, measure
+from pfcrepro.headbench import GIB, METHODS, check_default_targets, describe_default_targets, measure
 
 
-def run_isolated(config: dict[str, Any], timeout: float = 1800.0) -> dict[str, Any]:
-    """Run :func:`measure` with ``config`` in a fresh Python process; return its record (or an error record)."""
+def run_isolated(
+    config: dict[str, Any], timeout: float = 1800.0, memory_limit: int | None = None
+) -> dict[str, Any]:
+    """Run :func:`measure` with ``config`` in a fresh Python process (its address space limited to
+    ``memory_limit`` bytes if given); return its record (or an error record)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(config)]
+    if memory_limit is not None:
+        cmd += ["--memory-limit", str(int(memory_limit))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -59,27 +77,58 @@ def _same_k_rates(classes: list[int], sample_rates: list[float]) -> dict[int, li
     return extra
 
 
+def _config(args: argparse.Namespace, method: str, num_classes: int, sample_rate: float) -> dict[str, Any]:
+    return {
+        "method": method,
+        "num_classes": num_classes,
+        "sample_rate": sample_rate,
+        "embedding_size": args.embedding_size,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "device": args.device,
+        "chunk_size": args.chunk_size,
+        "embedding_dtype": args.embedding_dtype,
+    }
+
+
+def run_pairs(
+    first: dict[str, Any], second: dict[str, Any], pairs: int, runner=run_isolated, log=print
+) -> list[dict[str, Any]]:
+    """``pairs`` pairs of fresh-process measurements of two configurations, alternating which runs
+    first (A B, B A, ...) so that a drift of the machine's speed hits both alike. Each entry holds
+    both records, ``time_ratio`` (second's step time / first's) and ``peak_ratio`` (second's peak /
+    first's); the ratios are None when either run failed."""
+    out = []
+    for i in range(pairs):
+        order = (first, second) if i % 2 == 0 else (second, first)
+        recs = {id(cfg): runner(cfg) for cfg in order}
+        a, b = recs[id(first)], recs[id(second)]
+        entry: dict[str, Any] = {"first": a, "second": b, "time_ratio": None, "peak_ratio": None}
+        if "error" not in a and "error" not in b:
+            entry["time_ratio"] = b["step_ms"] / a["step_ms"]
+            entry["peak_ratio"] = b["peak_bytes"] / a["peak_bytes"]
+        out.append(entry)
+        if log is not None:
+            shown = (
+                f"{a['method']} C={a['num_classes']:,} {a.get('step_ms', float('nan')):.0f} ms vs {b['method']} "
+                f"C={b['num_classes']:,} {b.get('step_ms', float('nan')):.0f} ms"
+            )
+            log(f"pair {i + 1}/{pairs}: {shown}; ratio ×{entry['time_ratio'] or float('nan'):.3f}")
+    return out
+
+
 def _grid(args: argparse.Namespace) -> list[dict[str, Any]]:
     configs = []
     same_k = _same_k_rates(args.classes, args.sample_rates) if "sparse" in args.methods else {}
     for c in args.classes:
         for method in args.methods:
+            if method == "baseline" and args.baseline_max_classes and c > args.baseline_max_classes:
+                continue
             rates = [1.0] if method == "linear" else args.sample_rates
             if method == "sparse":
                 rates = list(rates) + same_k.get(c, [])
             for r in rates:
-                configs.append(
-                    {
-                        "method": method,
-                        "num_classes": c,
-                        "sample_rate": r,
-                        "embedding_size": args.embedding_size,
-                        "batch_size": args.batch_size,
-                        "repeats": args.repeats,
-                        "device": args.device,
-                        "chunk_size": args.chunk_size,
-                    }
-                )
+                configs.append(_config(args, method, c, r))
     return configs
 
 
@@ -146,15 +195,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="JSON output (default results/benchmarks/head.json)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke-test grid")
+    parser.add_argument(
+        "--embedding-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype of the embeddings handed to the head (logits are fp32 either way)",
+    )
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the GPU figures: cuda, C = 1M, 8M, 29M, r = 0.1, bf16 embeddings, baseline / dense / sparse, "
+        "2 pairs; writes results/gpu/benchmarks/head.json (about 10 minutes on one large GPU)",
+    )
+    parser.add_argument("--pair-classes", type=int, help="C of the paired comparisons (default: the largest)")
+    parser.add_argument("--baseline-max-classes", type=int, help="skip the baseline above this C in the grid")
+    parser.add_argument("--pairs", type=int, default=5, help="alternating pairs per comparison (0: none)")
+    parser.add_argument("--big", type=int, default=4_000_000, help="classes of the large run (0: skip)")
+    parser.add_argument(
+        "--memory-limit-gib", type=float, default=24.0, help="address-space limit of the large run"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-limit", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
+        if args.memory_limit:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
         print(json.dumps(measure(**json.loads(args.worker))))
         return 0
+    if args.gpu:
+        args.device, args.classes, args.sample_rates = "cuda", [1_000_000, 8_000_000, 29_000_000], [0.1]
+        args.methods, args.embedding_dtype, args.pairs, args.big = (
+            ["baseline", "dense", "sparse"],
+            "bfloat16",
+            2,
+            0,
+        )
+        args.pair_classes = args.baseline_max_classes = (
+            8_000_000  # the baseline needs 4·C·D·4 = 237 GB at 29M
+        )
+        args.out = args.out or "results/gpu/benchmarks/head.json"
     if args.quick:
         args.classes, args.sample_rates, args.embedding_size = [2000, 20000], [0.1], 64
         args.batch_size, args.repeats, args.chunk_size = 32, 2, 256
+        args.pairs, args.big = min(args.pairs, 2), 0
     from pfclib.io import write_json
     from pfclib.paths import resolve
 
@@ -175,9 +261,44 @@ def main(argv: list[str] | None = None) -> int:
                 else ""
             )
         )
+    versus = flat = []
+    big = None
+    c_small, rate = min(args.classes), args.sample_rates[0]
+    c_large = args.pair_classes or max(args.classes)
+    if args.pairs > 0:
+        print(f"\ndefault (dense) vs baseline at C={c_large:,}, r={rate}, {args.pairs} alternating pairs:")
+        versus = run_pairs(
+            _config(args, "baseline", c_large, rate), _config(args, "dense", c_large, rate), args.pairs
+        )
+        k = int(rate * c_small)
+        if c_small < c_large and k >= 1:
+            print(f"\ndefault at k={k:,}: C={c_small:,} vs C={c_large:,}, {args.pairs} alternating pairs:")
+            flat = run_pairs(
+                _config(args, "dense", c_small, rate),
+                _config(args, "dense", c_large, k / c_large),
+                args.pairs,
+            )
+    limit = int(args.memory_limit_gib * GIB)
+    if args.big:
+        print(
+            f"\ndefault at C={args.big:,}, r={rate}, address space limited to {args.memory_limit_gib:g} GiB:"
+        )
+        big = run_isolated({**_config(args, "dense", args.big, rate), "repeats": 3}, memory_limit=limit)
+        print(_table([big]).splitlines()[-1])
+    default = check_default_targets(versus, flat, big, limit)
+    for line in describe_default_targets(default):
+        print(line)
     out = resolve(args.out or "results/benchmarks/head.json")
     write_json(
-        out, {"records": records, "targets": targets, "torch": torch.__version__, "argv": sys.argv[1:]}
+        out,
+        {
+            "records": records,
+            "targets": targets,
+            "pairs": {"versus_baseline": versus, "flat_in_classes": flat},
+            "default_targets": default,
+            "torch": torch.__version__,
+            "argv": sys.argv[1:],
+        },
     )
     print(f"wrote {out}")
     return 0

@@ -15,13 +15,19 @@ Forward, one step on rank ρ of W (W = 1: no process group, any device):
 
 Center updates (``update=``), see :mod:`pfclib.optim` for the details:
 
-* ``"dense"`` (default; the reference implementation's semantics): ``weight.grad`` is a dense
-  ``(n_local, D)`` tensor, zero on unsampled rows; ``make_optimizer`` returns ``torch.optim.SGD`` /
-  ``AdamW``, whose momentum and weight decay still move every row every step — ``O(C·D)`` per step.
+* ``"dense"`` (default; the reference implementation's semantics): every center moves every step,
+  as ``torch.optim.SGD``/``AdamW`` move a ``(n_local, D)`` gradient that is zero on unsampled rows
+  (momentum and weight decay act on all rows). With ``make_optimizer("sgd")`` that result is
+  computed lazily in ``O(k·D)`` per step by :class:`pfclib.optim.LazySGD`: the gradient is
+  row-sparse, the head applies the pending updates of the rows it samples before using them, and
+  :meth:`PartialFC.sync` (called by ``state_dict``, ``full_state_dict`` and ``eval()``) applies all
+  of them. ``make_optimizer("adamw")`` uses ``torch.optim.AdamW`` on a dense gradient (``O(C·D)``).
 * ``"sparse"`` (the paper's "only a subset is selected and updated"): ``weight.grad`` is a sparse
   tensor of the ``k`` sampled rows and ``make_optimizer`` returns :class:`pfclib.optim.SparseSGD` /
   ``SparseAdamW``, which change only those rows and their state — ``O(k·D)`` per step; unsampled
   rows are frozen. Identical to dense at ``r = 1``.
+
+Full state for checkpoints and re-sharding onto another number of ranks: :mod:`pfclib.head_state`.
 
 Gradient scaling: with W ranks the gradient reaching rank r's embeddings is ``W · dL/d(emb_r)``
 for the global mean loss L, so DDP's average over W gives the backbone the true gradient. Center
@@ -40,11 +46,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pfclib import distributed as pdist
+from pfclib import head_state
 from pfclib import margins as pmargins
-from pfclib.optim import SparseAdamW, SparseSGD
+from pfclib.fused import sampled_margin_cross_entropy
+from pfclib.head_state import FULL_STATE_FORMAT  # noqa: F401  (re-exported)
+from pfclib.optim import LazySGD, SparseAdamW, SparseSGD, Workspace
 from pfclib.sampler import num_sampled, remap_labels, sample_classes
 
-FULL_STATE_FORMAT = "pfclib-partialfc/1"
 _INIT_BLOCK = 4096  # rows per independently seeded block of the initial centers
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant used to derive per-block / per-rank seeds
 
@@ -75,65 +83,6 @@ def init_centers(
         lo, hi = max(start, b0), min(end, b0 + _INIT_BLOCK)
         out[lo - start : hi - start] = rows[lo - b0 : hi - b0]
     return out
-
-
-_ROW_CHUNK = 8192  # sampled centers processed at a time by sampled_cosine
-
-
-class _SampledCosine(torch.autograd.Function):
-    """``x @ normalize(weight[index]).T`` computed ``_ROW_CHUNK`` centers at a time.
-
-    Neither the gathered nor the normalised ``(k, D)`` centers are kept: the backward re-gathers
-    each chunk and writes its gradient straight into the values of a row-sparse (COO) gradient of
-    ``weight``. Extra memory is one ``(k, D)`` gradient plus chunk-sized temporaries, which is what
-    keeps the sparse head within ``2.2 x C·D·4`` bytes at ``r = 0.1`` (centers + momentum + 0.2).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, index: Tensor) -> Tensor:
-        out = x.new_empty((x.shape[0], index.numel()))
-        inv_norm = x.new_empty(index.numel())
-        for s in range(0, index.numel(), _ROW_CHUNK):
-            rows = weight.index_select(0, index[s : s + _ROW_CHUNK]).to(x.dtype)
-            inv = 1.0 / rows.norm(dim=1).clamp_min(1e-12)  # F.normalize's eps
-            inv_norm[s : s + _ROW_CHUNK] = inv
-            torch.mm(x, (rows * inv[:, None]).T, out=out[:, s : s + _ROW_CHUNK])
-        ctx.save_for_backward(x, weight, index, inv_norm)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, weight, index, inv_norm = ctx.saved_tensors
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        values = weight.new_empty((index.numel(), weight.shape[1])) if ctx.needs_input_grad[1] else None
-        for s in range(0, index.numel(), _ROW_CHUNK):
-            sl = slice(s, s + _ROW_CHUNK)
-            inv = inv_norm[sl][:, None]
-            unit = weight.index_select(0, index[sl]).to(x.dtype) * inv
-            g = grad_out[:, sl]
-            if grad_x is not None:
-                grad_x.addmm_(g, unit)
-            if values is not None:
-                grad_unit = g.T @ x  # d loss / d normalised center
-                # through the normalisation: (I - u u^T) / ||w||
-                grad_rows = (grad_unit - unit * (grad_unit * unit).sum(1, keepdim=True)) * inv
-                values[sl] = grad_rows.to(values.dtype)
-        grad_w = None
-        if values is not None:
-            grad_w = torch.sparse_coo_tensor(
-                index[None],
-                values,
-                weight.shape,
-                is_coalesced=True,  # index is sorted and distinct
-                check_invariants=False,
-            )
-        return grad_x, grad_w, None
-
-
-def sampled_cosine(x: Tensor, weight: Tensor, index: Tensor) -> Tensor:
-    """Cosine ``(N, k)`` between normalised ``x`` ``(N, D)`` and the centers ``weight[index]``
-    (``index`` sorted, distinct), with a row-sparse gradient for ``weight`` (see :class:`_SampledCosine`)."""
-    return _SampledCosine.apply(x, weight, index)
 
 
 class PartialFC(nn.Module):
@@ -214,6 +163,9 @@ class PartialFC(nn.Module):
                 "passive_updates", torch.zeros(self.n_local, dtype=torch.int64, device=device)
             )
         self.last_index: Tensor | None = None
+        self._lazy: LazySGD | None = None  # set by make_optimizer("sgd") for update="dense"
+        self._work = Workspace()  # chunk buffers of the fused cosine, reused every step
+        self.register_state_dict_pre_hook(_sync_before_state_dict)
 
     def extra_repr(self) -> str:
         return (
@@ -252,11 +204,14 @@ class PartialFC(nn.Module):
         with torch.autocast(device_type=self.weight.device.type, enabled=False):
             # normalise: embeddings and only the sampled centers
             x = F.normalize(emb.to(compute_dtype), dim=1)
-            if self.chunk_size is None and self.update == "sparse":
-                # fused gather -> normalise -> cosine: no (k, D) copy is kept, row-sparse gradient
-                cos = sampled_cosine(x, self.weight, self._index_or_all(index)).clamp(-1.0, 1.0)
-                logits = self.margin(cos, target)
-                return pdist.margin_softmax_cross_entropy(logits, target, self.group)
+            if self._lazy is not None:  # pending dense-semantics updates of the sampled rows
+                self._lazy.catch_up(self.weight, self._index_or_all(index))
+            if self.chunk_size is None and self._row_sparse:
+                # fused gather -> normalise -> cosine -> margin -> cross-entropy (pfclib.fused): no
+                # (k, D) copy, one (N, k) buffer, row-sparse gradient
+                return sampled_margin_cross_entropy(
+                    x, self.weight, self._index_or_all(index), target, self.margin, self.group, self._work
+                )
             w = F.normalize(self._centers(index).to(compute_dtype), dim=1)
 
             # cosine -> margin -> distributed softmax cross-entropy
@@ -268,12 +223,42 @@ class PartialFC(nn.Module):
             logits = self.margin(cos, target)
             return pdist.margin_softmax_cross_entropy(logits, target, self.group)
 
+    @property
+    def _row_sparse(self) -> bool:
+        """Whether the centers' gradient is row-sparse: sparse updates, or the lazy dense optimizer."""
+        return self.update == "sparse" or self._lazy is not None
+
+    def sync(self) -> None:
+        """Apply the pending updates of every center (``update="dense"`` with the optimizer of
+        :meth:`make_optimizer("sgd") <make_optimizer>`, see :class:`pfclib.optim.LazySGD`).
+
+        Call it before reading ``self.weight`` or the optimizer's state directly. ``state_dict()``,
+        :meth:`full_state_dict`, ``eval()`` and the optimizer's ``state_dict()`` call it themselves;
+        a no-op otherwise."""
+        if self._lazy is not None:
+            self._lazy.flush()
+
+    @torch.no_grad()
+    def centers(self, rows: Tensor | None = None) -> Tensor:
+        """A copy of the current centers of local rows ``rows`` (all if None), with their pending lazy
+        updates (cost ``O(len(rows)·D)``; the head's state is left as it is, so a run that is observed
+        trains exactly like one that is not)."""
+        rows = self._index_or_all(None) if rows is None else rows.to(self.weight.device, torch.int64)
+        if self._lazy is not None:
+            return self._lazy.current_rows(self.weight, rows)
+        return self.weight.detach().index_select(0, rows)
+
+    def train(self, mode: bool = True) -> PartialFC:
+        if not mode:
+            self.sync()
+        return super().train(mode)
+
     def _index_or_all(self, index: Tensor | None) -> Tensor:
         return torch.arange(self.n_local, device=self.weight.device) if index is None else index
 
     def _centers(self, index: Tensor | None) -> Tensor:
-        """The sampled centers ``(k, D)``: sparse update -> row-sparse gradient, dense -> dense one."""
-        if self.update == "sparse":
+        """The sampled centers ``(k, D)``: row-sparse gradient (sparse update or lazy optimizer), else dense."""
+        if self._row_sparse:
             if index is None:
                 index = torch.arange(self.n_local, device=self.weight.device)
             return F.embedding(index, self.weight, sparse=True)
@@ -378,17 +363,33 @@ class PartialFC(nn.Module):
         eps: float = 1e-8,
         nesterov: bool = False,
     ) -> torch.optim.Optimizer:
-        """An optimizer over ``[self.weight]``: for ``update="dense"`` ``torch.optim.SGD``/``AdamW``,
-        for ``"sparse"`` :class:`~pfclib.optim.SparseSGD`/``SparseAdamW`` (same hyper-parameters;
-        only sampled rows and their state change). ``kind`` is ``"sgd"`` or ``"adamw"``."""
+        """An optimizer over ``[self.weight]``; ``kind`` is ``"sgd"`` or ``"adamw"``.
+
+        * ``update="dense"``, SGD: :class:`~pfclib.optim.LazySGD`, ``torch.optim.SGD``'s result at
+          ``O(k·D)`` per step; the head then produces a row-sparse gradient and applies the pending
+          updates of the rows it samples (see :meth:`sync`).
+        * ``update="dense"``, AdamW: ``torch.optim.AdamW`` on the dense gradient (``O(C·D)`` per step;
+          with ``eps > 0`` an idle row's AdamW motion is not a linear map, so no lazy form is exact).
+        * ``update="sparse"``: :class:`~pfclib.optim.SparseSGD` / ``SparseAdamW`` (only sampled rows and
+          their state change).
+
+        A head drives one optimizer of its own: a new call replaces the previous one's lazy link. A
+        ``torch.optim.SGD`` built by hand on ``head.weight`` works as well (dense gradient, dense cost)
+        as long as ``make_optimizer("sgd")`` was not called on this head."""
         sparse = self.update == "sparse"
+        if kind not in ("sgd", "adamw"):
+            raise ValueError(f"unknown optimizer kind {kind!r}; expected 'sgd' or 'adamw'")
+        self.sync()
+        self._lazy = None
         if kind == "sgd":
-            cls = SparseSGD if sparse else torch.optim.SGD
-            return cls([self.weight], lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-        if kind == "adamw":
-            cls = SparseAdamW if sparse else torch.optim.AdamW
-            return cls([self.weight], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        raise ValueError(f"unknown optimizer kind {kind!r}; expected 'sgd' or 'adamw'")
+            cls = SparseSGD if sparse else LazySGD
+            opt = cls([self.weight], lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+            opt._work = self._work  # one set of chunk buffers for the head and its optimizer
+            if not sparse:
+                self._lazy = opt
+            return opt
+        cls = SparseAdamW if sparse else torch.optim.AdamW
+        return cls([self.weight], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     # -------------------------------------------------------------- state dicts
     def get_extra_state(self) -> dict[str, Any]:
@@ -411,135 +412,21 @@ class PartialFC(nn.Module):
             )
         self.generator.set_state(state["generator"])
 
-    def _row_sizes(self) -> list[int]:
-        return [pdist.shard_range(self.num_classes, r, self.world_size)[1] for r in range(self.world_size)]
-
     def full_state_dict(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-        """Collective (every rank calls it): the whole head as one plain dict of CPU tensors, on every rank.
-
-        Keys: ``format``, ``num_classes``, ``embedding_size``, ``sample_rate``, ``update``, ``margin``
-        (dict), ``weight`` ``(C, D)``, ``counters`` (``{"active", "passive"}`` of shape ``(C,)``, or None),
-        ``generator_states`` (one per rank), ``optimizer`` (None, or ``{"class", "hyper", "state"}``
-        where per-row state tensors are gathered to ``(C, ...)``). Load with :meth:`load_full_state_dict`
-        on any number of ranks. Extra memory: the full matrix on the CPU, one shard on the device.
-        """
-        sizes = self._row_sizes()
-        full: dict[str, Any] = {
-            "format": FULL_STATE_FORMAT,
-            "num_classes": self.num_classes,
-            "embedding_size": self.embedding_size,
-            "sample_rate": self.sample_rate,
-            "update": self.update,
-            "margin": self.margin.to_dict(),
-            "weight": pdist.gather_rows_to_cpu(self.weight.detach(), sizes, self.group),
-            "counters": None,
-        }
-        if self.track_updates:
-            full["counters"] = {
-                "active": pdist.gather_rows_to_cpu(self.active_updates, sizes, self.group),
-                "passive": pdist.gather_rows_to_cpu(self.passive_updates, sizes, self.group),
-            }
-        gen_state = self.generator.get_state()
-        if self.group is None:
-            full["generator_states"] = [gen_state]
-        else:
-            states: list[Any] = [None] * self.world_size
-            dist.all_gather_object(states, gen_state, group=self.group)
-            full["generator_states"] = states
-        full["optimizer"] = None if optimizer is None else self._full_optimizer_state(optimizer, sizes)
-        return full
-
-    def _weight_group(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        for group in optimizer.param_groups:
-            if any(p is self.weight for p in group["params"]):
-                return group
-        raise ValueError(
-            "the optimizer does not hold this head's weight; build it with head.make_optimizer()"
-        )
-
-    def _full_optimizer_state(self, optimizer: torch.optim.Optimizer, sizes: list[int]) -> dict[str, Any]:
-        group = self._weight_group(optimizer)
-        local = optimizer.state.get(self.weight, {})
-        keys = sorted(local)
-        if self.group is not None:
-            all_keys: list[Any] = [None] * self.world_size
-            dist.all_gather_object(all_keys, keys, group=self.group)
-            if any(k != keys for k in all_keys):
-                raise RuntimeError(f"optimizer state keys differ between ranks: {all_keys}")
-        state: dict[str, Any] = {}
-        for key in keys:
-            value = local[key]
-            if isinstance(value, Tensor) and value.dim() >= 1:
-                state[key] = pdist.gather_rows_to_cpu(value, sizes, self.group)
-            else:
-                state[key] = value.detach().cpu().clone() if isinstance(value, Tensor) else value
-        hyper = {k: v for k, v in group.items() if k != "params"}
-        return {"class": type(optimizer).__name__, "hyper": hyper, "state": state}
+        """Collective (every rank calls it): the whole head (and ``optimizer``'s state for it) as one
+        plain dict of CPU tensors, on every rank; see :mod:`pfclib.head_state` for its keys."""
+        return head_state.full_state_dict(self, optimizer)
 
     def load_full_state_dict(
         self, full: Mapping[str, Any], optimizer: torch.optim.Optimizer | None = None
     ) -> None:
-        """Load a :meth:`full_state_dict` (saved with any number of ranks): this rank takes its rows.
+        """Load a :meth:`full_state_dict` saved with any number of ranks (this rank takes its rows);
+        optimizer state moves between the optimizers of one family (see :mod:`pfclib.head_state`)."""
+        head_state.load_full_state_dict(self, full, optimizer)
 
-        The sampler's generator is restored only when the world size matches (otherwise it keeps
-        its ``(seed, rank)`` seeding). Optimizer state moves between the dense and sparse optimizer
-        of the same family (SGD <-> SparseSGD; AdamW <-> SparseAdamW, converting the step count).
-        """
-        if full.get("format") != FULL_STATE_FORMAT:
-            raise ValueError(
-                f"expected a full state dict of format {FULL_STATE_FORMAT!r}, got {full.get('format')!r}"
-            )
-        if (full["num_classes"], full["embedding_size"]) != (self.num_classes, self.embedding_size):
-            raise ValueError(
-                f"full state dict is for C={full['num_classes']}, D={full['embedding_size']}; "
-                f"this head has C={self.num_classes}, D={self.embedding_size}"
-            )
-        rows = slice(self.start, self.start + self.n_local)
-        with torch.no_grad():
-            self.weight.copy_(full["weight"][rows])
-            if self.track_updates and full.get("counters") is not None:
-                self.active_updates.copy_(full["counters"]["active"][rows])
-                self.passive_updates.copy_(full["counters"]["passive"][rows])
-        states = full.get("generator_states") or []
-        if len(states) == self.world_size:
-            self.generator.set_state(states[self.rank])
-        if optimizer is not None:
-            if full.get("optimizer") is None:
-                raise ValueError("the full state dict holds no optimizer state; pass optimizer=None")
-            self._load_full_optimizer_state(full["optimizer"], optimizer, rows)
 
-    def _load_full_optimizer_state(
-        self, saved: Mapping[str, Any], optimizer: torch.optim.Optimizer, rows: slice
-    ) -> None:
-        families = ({"SGD", "SparseSGD"}, {"AdamW", "SparseAdamW"})
-        mine, theirs = type(optimizer).__name__, saved["class"]
-        if mine != theirs and not any({mine, theirs} <= fam for fam in families):
-            raise ValueError(f"optimizer state was saved from {theirs}, cannot load it into {mine}")
-        group = self._weight_group(optimizer)
-        for key, value in saved["hyper"].items():
-            if key in group:
-                group[key] = value
-        state: dict[str, Any] = {}
-        for key, value in saved["state"].items():
-            if isinstance(value, Tensor) and value.dim() >= 1:
-                value = value[rows]
-            if isinstance(value, Tensor):
-                dtype = self.weight.dtype if value.is_floating_point() and key != "step" else value.dtype
-                value = value.to(self.weight.device, dtype).clone()
-            state[key] = value
-        if "step" in state and isinstance(state["step"], Tensor):
-            step = state["step"]
-            if mine == "SparseAdamW" and step.dim() == 0:
-                state["step"] = torch.full(
-                    (self.n_local,), int(step), dtype=torch.int64, device=self.weight.device
-                )
-            elif mine == "AdamW" and step.dim() == 1:
-                distinct = step.unique()
-                if distinct.numel() > 1:
-                    raise ValueError("per-row AdamW steps differ between rows; load into SparseAdamW instead")
-                value = float(distinct[0]) if distinct.numel() else 0.0
-                state["step"] = torch.tensor(value, dtype=torch.float32)
-        optimizer.state[self.weight] = state
+def _sync_before_state_dict(module: PartialFC, prefix: str, keep_vars: bool) -> None:
+    module.sync()
 
 
 def expected_passive_rate(sample_rate: float, n_local: int, num_positives: int) -> float:

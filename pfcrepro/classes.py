@@ -290,7 +290,7 @@ class MovementRecorder:
             self._run = {
                 "labels": mine,
                 "rows": rows,
-                "previous": head.weight.detach().index_select(0, rows),
+                "previous": head.centers(rows),
                 "moved": np.zeros(mine.size, dtype=np.int64),
                 "steps": 0,
             }
@@ -298,7 +298,7 @@ class MovementRecorder:
             run = self._run
             if run is None:
                 raise RuntimeError("MovementRecorder got a 'step' event before 'start'")
-            current = head.weight.detach().index_select(0, run["rows"])
+            current = head.centers(run["rows"])
             run["moved"] += (current != run["previous"]).any(dim=1).cpu().numpy()
             run["steps"] += 1
             run["previous"] = current

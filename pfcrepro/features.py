@@ -562,10 +562,10 @@ def train_tracked(
     previous: list[torch.Tensor] = []  # the tracked rows before the step about to be taken
 
     def on_start(head: Any) -> None:
-        previous.append(head.weight.detach().index_select(0, rows))
+        previous.append(head.centers(rows))
 
     def after_step(head: Any) -> None:
-        current = head.weight.detach().index_select(0, rows)
+        current = head.centers(rows)
         moved.add_((current != previous[0]).any(dim=1))
         previous[0] = current
 

@@ -35,12 +35,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["METHODS", "measure", "measure_in_subprocess", "head_layouts", "measure_head_grid"]
+__all__ = [
+    "METHODS",
+    "measure",
+    "measure_in_subprocess",
+    "head_layouts",
+    "measure_head_grid",
+    "check_default_targets",
+    "describe_default_targets",
+]
 
 if TYPE_CHECKING:
     import pandas as pd
 
-METHODS = ("linear", "dense", "sparse", "chunked")
+METHODS = ("linear", "baseline", "dense", "sparse", "chunked")
 
 
 def _rss_bytes() -> int:
@@ -72,8 +80,12 @@ def measure(
     device: str = "cpu",
     chunk_size: int = 4096,
     seed: int = 0,
+    embedding_dtype: str = "float32",
 ) -> dict[str, Any]:
     """Build one head, run ``warmup`` + ``repeats`` training steps, return timings and memory.
+
+    ``embedding_dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``) is the dtype of the
+    embeddings handed to the head, as a mixed-precision backbone would; logits are fp32 either way.
 
     Returns a dict with ``step_ms`` (median over repeats, milliseconds), ``step_ms_min``, ``step_ms_all``,
     ``peak_bytes`` (see module doc), ``model_bytes`` (centers + optimizer state), ``k`` and the
@@ -84,6 +96,13 @@ def measure(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     dev = torch.device(device)
+    emb_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        embedding_dtype
+    )
+    if emb_dtype is None:
+        raise ValueError(
+            f"embedding_dtype must be 'float32', 'bfloat16' or 'float16', got {embedding_dtype!r}"
+        )
     torch.manual_seed(seed)
     cuda = dev.type == "cuda"
     if cuda:
@@ -97,7 +116,10 @@ def measure(
         k = num_classes
 
         def loss_fn(x, y):
-            return F.cross_entropy(head(x), y)
+            return F.cross_entropy(head(x.float()), y)
+    elif method == "baseline":
+        weight, loss_fn, k = _baseline_head(num_classes, embedding_size, sample_rate, seed, dev)
+        opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
     else:
         head = PartialFC(
             num_classes,
@@ -115,7 +137,7 @@ def measure(
     gen = torch.Generator().manual_seed(seed)
     times = []
     for i in range(warmup + repeats):
-        x = torch.randn(batch_size, embedding_size, generator=gen).to(dev).requires_grad_()
+        x = torch.randn(batch_size, embedding_size, generator=gen).to(dev, emb_dtype).requires_grad_()
         y = torch.randint(num_classes, (batch_size,), generator=gen).to(dev)
         if cuda:
             torch.cuda.synchronize(dev)
@@ -132,6 +154,7 @@ def measure(
         peak = torch.cuda.max_memory_allocated(dev)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    floor_ms = _compute_floor_ms(batch_size, k, embedding_size, dev)
     state_bytes = sum(
         v.numel() * v.element_size()
         for s in opt.state.values()
@@ -151,12 +174,62 @@ def measure(
         "step_ms": 1e3 * statistics.median(times),
         "step_ms_min": 1e3 * min(times),
         "step_ms_all": [1e3 * t for t in times],
+        "floor_ms": floor_ms,
         "peak_bytes": int(peak),
         "model_bytes": int(model_bytes),
         "centers_bytes": int(weight.numel() * weight.element_size()),
         "chunk_size": chunk_size if method == "chunked" else None,
+        "embedding_dtype": embedding_dtype,
         "loss": float(loss.detach()),
     }
+
+
+def _baseline_head(num_classes: int, embedding_size: int, sample_rate: float, seed: int, dev: torch.device):
+    """The reference implementation's head step, written plainly: sample the positives plus uniform
+    negatives, ``index_select`` those rows of a ``(C, D)`` parameter (its gradient is then a dense
+    ``(C, D)`` tensor, zero off the sampled rows), normalise, matmul, ArcFace margin, cross-entropy;
+    ``torch.optim.SGD`` then moves the whole matrix. Returns ``(weight, loss_fn, k)``."""
+    from pfclib.head import init_centers
+    from pfclib.margins import create
+    from pfclib.sampler import num_sampled, remap_labels, sample_classes
+
+    weight = torch.nn.Parameter(init_centers(0, num_classes, embedding_size, seed, torch.float32, dev))
+    margin = create("arcface")
+    k = num_sampled(sample_rate, num_classes) if sample_rate < 1.0 else num_classes
+    sampler = torch.Generator().manual_seed(seed)
+
+    def loss_fn(x, y):
+        positives = torch.unique(y)
+        if sample_rate < 1.0:
+            index = sample_classes(positives.cpu(), num_classes, k, sampler).to(dev)
+            w, target = weight.index_select(0, index), remap_labels(y, index)
+        else:
+            w, target = weight, y
+        cos = (F.normalize(x.float(), dim=1) @ F.normalize(w, dim=1).T).clamp(-1.0, 1.0)
+        return F.cross_entropy(margin(cos, target), target)
+
+    return weight, loss_fn, k
+
+
+def _compute_floor_ms(
+    batch_size: int, k: int, embedding_size: int, dev: torch.device, repeats: int = 7
+) -> float:
+    """The step's compute floor on this device: its three ``B x k x D`` matrix products (forward,
+    and the two of backward: 6·B·k·D flops) at the speed of one such product measured here (the
+    fastest of ``repeats``, the machine's best rate), in milliseconds."""
+    a = torch.randn(batch_size, embedding_size, device=dev)
+    b = torch.randn(embedding_size, k, device=dev)
+    times = []
+    for i in range(repeats + 1):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return 3e3 * min(times)
 
 
 def measure_in_subprocess(
@@ -331,3 +404,111 @@ def _repo_root_or_cwd() -> Path:
         return repo_root()
     except FileNotFoundError:
         return Path.cwd()
+
+
+# ---------------------------------------------------------------- targets of the default head
+def _median(values: list[float | None]) -> float | None:
+    good = sorted(v for v in values if v is not None)
+    if not good:
+        return None
+    mid = len(good) // 2
+    return good[mid] if len(good) % 2 else 0.5 * (good[mid - 1] + good[mid])
+
+
+GIB = 2**30
+
+
+def check_default_targets(
+    versus: list[dict[str, Any]], flat: list[dict[str, Any]], big: dict[str, Any] | None, memory_limit: int
+) -> dict[str, Any]:
+    """The default head's targets from the paired runs: against the baseline (first = baseline,
+    second = dense) a median speed-up >= 5 and a median peak ratio <= 0.55; the default's and the
+    baseline's step over their compute floors; flat in C (first = small C, second = large C, same k)
+    within x1.2; at ``big`` classes the default's peak under ``memory_limit`` while the baseline's
+    need (its measured peak per class x C) is over it."""
+    out: dict[str, Any] = {}
+    if versus:
+        speedups = [None if e["time_ratio"] is None else 1.0 / e["time_ratio"] for e in versus]
+        peaks = [e["peak_ratio"] for e in versus]
+        dense = [e["second"] for e in versus if "error" not in e["second"]]
+        base = [e["first"] for e in versus if "error" not in e["first"]]
+        floor = _median([r["step_ms"] / r["floor_ms"] for r in dense])
+        out["versus_baseline"] = {
+            "num_classes": versus[0]["first"]["num_classes"],
+            "sample_rate": versus[0]["first"]["sample_rate"],
+            "speedup_per_pair": speedups,
+            "peak_ratio_per_pair": peaks,
+            "speedup_median": _median(speedups),
+            "peak_ratio_median": _median(peaks),
+            "dense_over_floor_median": floor,
+            "speedup_ok": (_median(speedups) or 0.0) >= 5.0,
+            "peak_ok": (_median(peaks) or float("inf")) <= 0.55,
+            "floor_ok": floor is not None and floor <= 2.5,
+            "baseline_peak_per_class": _median([r["peak_bytes"] / r["num_classes"] for r in base]),
+        }
+    if flat:
+        ratios = [e["time_ratio"] for e in flat]
+        out["flat_in_classes"] = {
+            "k": flat[0]["second"].get("k"),
+            "small_classes": flat[0]["first"]["num_classes"],
+            "large_classes": flat[0]["second"]["num_classes"],
+            "ratio_per_pair": ratios,
+            "ratio_median": _median(ratios),
+            "ok": (_median(ratios) or float("inf")) <= 1.2,
+        }
+    if big is not None:
+        per_class = out.get("versus_baseline", {}).get("baseline_peak_per_class")
+        need = None if per_class is None else per_class * big["num_classes"]
+        out["big"] = {
+            "num_classes": big["num_classes"],
+            "memory_limit_bytes": memory_limit,
+            "dense": big,
+            "trains": "error" not in big,
+            "baseline_need_bytes_extrapolated": need,
+            "ok": "error" not in big
+            and big["peak_bytes"] < memory_limit
+            and need is not None
+            and need > memory_limit,
+        }
+    return out
+
+
+def describe_default_targets(t: dict[str, Any]) -> list[str]:
+    """One markdown bullet per target of :func:`check_default_targets` (README and console)."""
+    lines = []
+    v = t.get("versus_baseline")
+    if v:
+        pairs = ", ".join("–" if x is None else f"{x:.2f}" for x in v["speedup_per_pair"])
+        peaks = ", ".join("–" if x is None else f"{x:.3f}" for x in v["peak_ratio_per_pair"])
+        lines.append(
+            f"- Default head vs baseline at C = {v['num_classes']:,}, r = {v['sample_rate']:g}: step ×{v['speedup_median']:.2f} "
+            f"faster (median of pairs; per pair {pairs}; target ≥ ×5 → {'met' if v['speedup_ok'] else 'NOT met'}), "
+            f"peak memory ×{v['peak_ratio_median']:.3f} (per pair {peaks}; target ≤ ×0.55 → "
+            f"{'met' if v['peak_ok'] else 'NOT met'}); default step / compute floor ×{v['dense_over_floor_median']:.2f} "
+            f"(target ≤ ×2.5 → {'met' if v['floor_ok'] else 'NOT met'})"
+        )
+    f = t.get("flat_in_classes")
+    if f:
+        ratios = ", ".join("–" if x is None else f"{x:.3f}" for x in f["ratio_per_pair"])
+        lines.append(
+            f"- Default head at k = {f['k']:,}: step at C = {f['large_classes']:,} / C = {f['small_classes']:,} "
+            f"×{f['ratio_median']:.3f} (median; per pair {ratios}; target ≤ ×1.2 → {'met' if f['ok'] else 'NOT met'})"
+        )
+    b = t.get("big")
+    if b:
+        limit = b["memory_limit_bytes"] / GIB
+        got = (
+            "failed: " + b["dense"]["error"]
+            if not b["trains"]
+            else (
+                f"trains: step {b['dense']['step_ms']:.0f} ms, peak {b['dense']['peak_bytes'] / GIB:.1f} GiB"
+            )
+        )
+        need = b["baseline_need_bytes_extrapolated"]
+        lines.append(
+            f"- Default head at C = {b['num_classes']:,}, D = {b['dense']['embedding_size']} with momentum, "
+            f"address space ≤ {limit:g} GiB: {got}; the baseline would need "
+            f"{'?' if need is None else f'{need / GIB:.1f}'} GiB (its measured peak per class × C, extrapolated) → "
+            f"{'met' if b['ok'] else 'NOT met'}"
+        )
+    return lines

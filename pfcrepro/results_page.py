@@ -125,6 +125,10 @@ def render_benchmark(bench: dict | None) -> str:
                 f"(target ≤ ×1.2) → {'met' if t['time_ok'] else 'NOT met'}"
             )
         lines.append(text)
+    if bench.get("default_targets"):
+        from pfcrepro.headbench import describe_default_targets
+
+        lines.extend(describe_default_targets(bench["default_targets"]))
     return "\n".join(lines)
 
 

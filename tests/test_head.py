@@ -323,5 +323,5 @@ def test_full_state_dict_moves_between_dense_and_sparse_adamw():
     sopt = sparse.make_optimizer("adamw", lr=0.01)
     sparse.load_full_state_dict(dense.full_state_dict(opt), sopt)
     assert sopt.state[sparse.weight]["step"].tolist() == [1] * C
-    with pytest.raises(ValueError, match="cannot load it into SGD"):
+    with pytest.raises(ValueError, match="cannot load it into LazySGD"):
         dense.load_full_state_dict(dense.full_state_dict(opt), dense.make_optimizer("sgd"))

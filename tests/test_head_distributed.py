@@ -104,6 +104,7 @@ def test_two_processes_equal_one_process():
         single = _make_head(sc)
         index = None if sc["index"] is None else torch.tensor(sc["index"])
         loss, emb_grad, w_grad, opt = _step(single, emb, labels, index)
+        single.sync()  # dense SGD is lazy: apply the pending updates before reading weight and state
         r0, r1 = per_rank[0][i], per_rank[1][i]
         tol = {"rtol": 1e-10, "atol": 1e-12}
         torch.testing.assert_close(r0["loss"], loss, **tol)

@@ -117,3 +117,83 @@ def test_benchmark_grid_adds_same_k_reference_points():
     assert bench._same_k_rates([100_000, 1_000_000], [0.1, 0.01]) == {100_000: [1.0]}
     # a k larger than the smaller C cannot be matched
     assert bench._same_k_rates([1_000, 1_000_000], [0.1]) == {}
+
+
+def test_baseline_and_default_take_low_precision_embeddings():
+    for method in ("baseline", "dense"):
+        rec = headbench.measure(
+            method, 300, 0.1, embedding_size=8, batch_size=4, repeats=1, warmup=1, embedding_dtype="bfloat16"
+        )
+        assert math.isfinite(rec["loss"]) and rec["floor_ms"] > 0 and rec["embedding_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="embedding_dtype must be"):
+        headbench.measure("dense", 300, 0.1, embedding_dtype="int8")
+
+
+def _rec(method, c, step, peak, floor=100.0):
+    return {
+        "method": method,
+        "num_classes": c,
+        "sample_rate": 0.1,
+        "k": c // 10,
+        "step_ms": step,
+        "peak_bytes": peak,
+        "floor_ms": floor,
+        "embedding_size": 512,
+    }
+
+
+def test_pairs_alternate_and_targets_use_medians():
+    bench = _benchmark_script()
+    calls = []
+    a, b = {"method": "baseline", "num_classes": 10}, {"method": "dense", "num_classes": 10}
+    speed = iter([1000.0, 150.0, 160.0, 1100.0, 900.0, 400.0])  # pair 3 is a slow outlier for the default
+
+    def runner(cfg):
+        calls.append(cfg["method"])
+        return _rec(cfg["method"], 10, next(speed), 400 if cfg["method"] == "baseline" else 200)
+
+    pairs = bench.run_pairs(a, b, 3, runner=runner, log=None)
+    assert calls == ["baseline", "dense", "dense", "baseline", "baseline", "dense"]
+    assert [round(1 / p["time_ratio"], 3) for p in pairs] == [6.667, 6.875, 2.25]
+    t = headbench.check_default_targets(pairs, [], None, 24 * 2**30)["versus_baseline"]
+    assert (
+        t["speedup_median"] == pytest.approx(1000 / 150) and t["speedup_ok"]
+    )  # the median ignores the outlier
+    assert (
+        t["peak_ratio_median"] == 0.5
+        and t["peak_ok"]
+        and t["dense_over_floor_median"] == 1.6
+        and t["floor_ok"]
+    )
+
+
+def test_default_targets_fail_when_they_are_not_met_and_the_big_run_is_judged():
+    GIB = 2**30
+    versus = [
+        {
+            "first": _rec("baseline", 10**6, 1000, 8 * GIB),
+            "second": _rec("dense", 10**6, 300, 5 * GIB, floor=100),
+            "time_ratio": 0.3,
+            "peak_ratio": 5 / 8,
+        }
+    ]
+    flat = [
+        {
+            "first": _rec("dense", 10**5, 100, 1),
+            "second": _rec("dense", 10**6, 130, 1),
+            "time_ratio": 1.3,
+            "peak_ratio": 1,
+        }
+    ]
+    big = _rec("dense", 4 * 10**6, 3000, 17 * GIB)
+    t = headbench.check_default_targets(versus, flat, big, 24 * GIB)
+    assert not t["versus_baseline"]["speedup_ok"] and not t["versus_baseline"]["peak_ok"]
+    assert not t["versus_baseline"]["floor_ok"] and not t["flat_in_classes"]["ok"]
+    # the baseline's 8 GiB at 1M classes is 32 GiB at 4M: over the limit, while the default ran in 17
+    assert t["big"]["baseline_need_bytes_extrapolated"] == 32 * GIB and t["big"]["ok"]
+    text = "\n".join(headbench.describe_default_targets(t))
+    assert text.count("NOT met") == 4 and "trains: step 3000 ms, peak 17.0 GiB" in text
+    failed = headbench.check_default_targets(versus, [], {**big, "error": "exit 1: out of memory"}, 24 * GIB)
+    assert not failed["big"]["ok"] and "failed: exit 1: out of memory" in "\n".join(
+        headbench.describe_default_targets(failed)
+    )

@@ -151,7 +151,7 @@ def test_optimizer_argument_errors():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("row_chunk", [3, 8192])
 def test_sampled_cosine_matches_explicit_reference(monkeypatch, dtype, row_chunk):
-    import pfclib.head as head_mod
+    import pfclib.fused as head_mod
 
     monkeypatch.setattr(head_mod, "_ROW_CHUNK", row_chunk)
     g = torch.Generator().manual_seed(0)
