@@ -183,6 +183,25 @@ def _table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _apply_presets(args: argparse.Namespace) -> None:
+    """``--gpu``: the GPU figures (1M, 8M, 29M classes, bf16 embeddings, the baseline up to 8M, where
+    its 4·C·D·4 bytes still fit one large GPU; at 29M it would need 237 GB). ``--quick``: a smoke test.
+    ``--gpu --device cpu`` runs the GPU preset's grid on the CPU (sizes permitting)."""
+    if args.gpu:
+        args.device = "cuda" if args.device == "cpu" and not args.device_given else args.device
+        args.classes, args.sample_rates = [1_000_000, 8_000_000, 29_000_000], [0.1]
+        args.methods, args.embedding_dtype = ["baseline", "dense", "sparse"], "bfloat16"
+        args.pairs, args.big = 2, 0
+        args.pair_classes = args.baseline_max_classes = 8_000_000
+        args.out = args.out or "results/gpu/benchmarks/head.json"
+    if args.quick:
+        args.classes, args.sample_rates, args.embedding_size = [2000, 20000], [0.1], 64
+        args.batch_size, args.repeats, args.chunk_size = 32, 2, 256
+        args.pairs, args.big = min(args.pairs, 2), 0
+        if args.gpu:
+            args.pair_classes = args.baseline_max_classes = 2000
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -217,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--memory-limit", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.device_given = any(
+        a == "--device" or a.startswith("--device=") for a in (argv if argv is not None else sys.argv[1:])
+    )
 
     if args.worker:
         if args.memory_limit:
@@ -225,22 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
         print(json.dumps(measure(**json.loads(args.worker))))
         return 0
-    if args.gpu:
-        args.device, args.classes, args.sample_rates = "cuda", [1_000_000, 8_000_000, 29_000_000], [0.1]
-        args.methods, args.embedding_dtype, args.pairs, args.big = (
-            ["baseline", "dense", "sparse"],
-            "bfloat16",
-            2,
-            0,
-        )
-        args.pair_classes = args.baseline_max_classes = (
-            8_000_000  # the baseline needs 4·C·D·4 = 237 GB at 29M
-        )
-        args.out = args.out or "results/gpu/benchmarks/head.json"
-    if args.quick:
-        args.classes, args.sample_rates, args.embedding_size = [2000, 20000], [0.1], 64
-        args.batch_size, args.repeats, args.chunk_size = 32, 2, 256
-        args.pairs, args.big = min(args.pairs, 2), 0
+    _apply_presets(args)
     from pfclib.io import write_json
     from pfclib.paths import resolve
 

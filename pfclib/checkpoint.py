@@ -171,3 +171,66 @@ def load_backbone(
     model.to(map_location)
     model.eval()
     return model, config
+
+
+# ------------------------------------------------------------------------------ resume policy
+# What a resumed run takes from the new config, by dotted key (see resume_changes).
+RESUME_PER_RUN = ("resume", "stop_after", "output_dir")  # how this invocation runs: never reported
+RESUME_APPLIED = (
+    "max_steps",  # the schedule is rebuilt over the new total (extending a run continues its decay)
+    "num_epochs",
+    "optim.lr",  # new peak rates: the schedule's multiplier at the current step times the new peak
+    "optim.head_lr",
+    "optim.warmup_steps",
+    "optim.power",
+    "optim.min_lr_ratio",
+    "optim.grad_clip",
+    "device",
+    "data.num_workers",
+)
+RESUME_APPLIED_SECTIONS = ("log.", "eval.", "checkpoint.")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def resume_changes(
+    saved: dict[str, Any], current: dict[str, Any], saved_world: int = 1, world: int = 1
+) -> tuple[list[str], list[str]]:
+    """Compare a checkpoint's config with the config of the run resuming it.
+
+    Returns ``(applied, refused)``: one ``"key: old -> new"`` line per changed setting. *Applied*
+    settings (the schedule's length and shape, peak learning rates, gradient clipping, device,
+    loader workers, logging, evaluation and checkpoint frequency) take the new value and are to be
+    printed. *Refused* ones would silently change what the checkpoint's state means (the model, the
+    head, the data and its order, the optimizer's kind and hyper-parameters held in its state, the
+    seed, the precision): resuming with them changed is an error. ``resume``, ``stop_after`` and
+    ``output_dir`` belong to the invocation and are not compared; keys the checkpoint's config lacks
+    (written by an older version) are not either. ``data.batch_size`` is per process: resuming on
+    another number of processes (``saved_world`` -> ``world``) may change it as long as the global
+    batch (per process x processes) stays the same.
+    """
+    old, new = _flatten(saved), _flatten(current)
+    applied, refused = [], []
+    for key in sorted(new):
+        if key not in old or old[key] == new[key] or key.split(".")[0] in RESUME_PER_RUN:
+            continue
+        line = f"{key}: {old[key]!r} -> {new[key]!r}"
+        if key == "data.batch_size":
+            same = old[key] * saved_world == new[key] * world
+            line += f" per process on {saved_world} -> {world} process(es): global batch {old[key] * saved_world} -> {new[key] * world}"
+            (applied if same else refused).append(line)
+        elif key in RESUME_APPLIED or key.startswith(RESUME_APPLIED_SECTIONS):
+            applied.append(line)
+        else:
+            refused.append(line)
+    for key in sorted(set(old) - set(new)):  # e.g. a dict-valued setting that lost a key
+        if key.split(".")[0] not in RESUME_PER_RUN and not key.startswith(RESUME_APPLIED_SECTIONS):
+            refused.append(f"{key}: {old[key]!r} -> (unset)")
+    return applied, refused

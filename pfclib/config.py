@@ -113,9 +113,10 @@ class OptimConfig:
             self.optimizer in _OPTIMIZERS,
             f"optim.optimizer must be one of {list(_OPTIMIZERS)}, got {self.optimizer!r}",
         )
-        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(0 < self.lr < float("inf"), f"optim.lr must be a finite number > 0, got {self.lr}")
         _require(
-            self.head_lr is None or self.head_lr > 0, f"optim.head_lr must be None or > 0, got {self.head_lr}"
+            self.head_lr is None or 0 < self.head_lr < float("inf"),
+            f"optim.head_lr must be None or a finite number > 0, got {self.head_lr}",
         )
         _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _require(len(self.betas) == 2, f"optim.betas must have two entries, got {self.betas}")
@@ -334,7 +335,9 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             except TypeError as exc:
                 errors.append(str(exc))
         expected = " or ".join(_type_name(t) for t in typing.get_args(tp))
-        raise TypeError(f"{key} must be {expected}, got {type(value).__name__}: {value!r}")
+        raise TypeError(
+            f"{key} must be {expected}, got {type(value).__name__}: {value!r}{_yaml_hint(value, typing.get_args(tp))}"
+        )
     if tp is type(None):
         if value is None:
             return None
@@ -361,7 +364,24 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     else:  # pragma: no cover - a field type this parser does not know
         raise TypeError(f"{key}: unsupported annotation {tp!r}")
-    raise TypeError(f"{key} must be {_type_name(tp)}, got {type(value).__name__}: {value!r}")
+    raise TypeError(
+        f"{key} must be {_type_name(tp)}, got {type(value).__name__}: {value!r}{_yaml_hint(value, (tp,))}"
+    )
+
+
+def _yaml_hint(value: Any, expected: tuple) -> str:
+    """The YAML 1.1 trap behind a wrong type, if it is one: ``1e-3`` (no dot) is read as a string,
+    ``off``/``on``/``yes``/``no`` as booleans."""
+    if isinstance(value, str) and float in expected:
+        try:
+            number = float(value)
+        except ValueError:
+            return ""
+        fixed = f"{number:.1e}" if "e" in value.lower() and "." not in value else repr(number)
+        return f" (YAML reads {value} as text; write it with a dot, e.g. {fixed}, or as a decimal)"
+    if isinstance(value, bool) and str in expected:
+        return " (YAML reads unquoted off/on/yes/no as booleans: quote the word, e.g. 'off')"
+    return ""
 
 
 def _type_name(tp: Any) -> str:

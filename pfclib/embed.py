@@ -1,6 +1,7 @@
-"""Embeddings of a data set by a trained backbone: the protocol's flip-sum, written as ``.npy``.
+"""Embeddings of a data set by a trained backbone: the protocol's flip-sum, as ``.npy`` or an HF dataset.
 
     python -m pfclib.embed --checkpoint RUN_OR_CKPT --data PATH [--kind folder] --out emb.npy
+    python -m pfclib.embed --checkpoint RUN_OR_CKPT --data PATH --format hf --out emb_ds
 
 ``--checkpoint`` is a checkpoint file or a run folder (its newest checkpoint). Every image of the
 data set is resized to the backbone's input size, embedded together with its horizontal mirror, the
@@ -13,7 +14,12 @@ the rows are written in the data set's reading order:
   kind, flip, count, dimension) and, for an image folder, each row's file (relative to the folder)
   and the identity name of each label.
 
-All three are written through temporary names: a run that fails leaves none of them behind.
+With ``--format hf`` the output is instead one Hugging Face dataset folder (``save_to_disk``; open
+it with ``datasets.load_from_disk``), one row per image: ``id`` (the image's file relative to the
+folder, or its index in the data set for other kinds), ``label`` (int64) and ``embedding``
+(float32, length D); the JSON description above is its ``info.description``.
+
+Everything is written through temporary names: a run that fails leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from torch import nn
 
 from pfclib.io import atomic_path
 
-__all__ = ["embed_dataset", "resolve_checkpoint", "write_embeddings", "main"]
+__all__ = ["embed_dataset", "resolve_checkpoint", "write_embeddings", "write_embeddings_hf", "main"]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -102,6 +108,51 @@ def write_embeddings(
         t3.write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def write_embeddings_hf(
+    out: str | os.PathLike, emb: np.ndarray, labels: np.ndarray, ids: Sequence[str], meta: dict[str, Any]
+) -> None:
+    """Write an HF dataset folder ``out`` (columns ``id``, ``label``, ``embedding``; ``meta`` as JSON in
+    its description), built in a temporary folder beside it and renamed into place (an existing
+    ``out`` is replaced only once the new one is complete)."""
+    import shutil
+    import tempfile
+
+    import datasets
+
+    out = Path(out)
+    if out.exists() and not (out / "dataset_info.json").is_file():
+        raise FileExistsError(f"--out {str(out)!r} exists and is not an HF dataset folder: choose a new path")
+    if not (len(ids) == emb.shape[0] == labels.shape[0]):
+        raise ValueError(
+            f"ids, embeddings and labels differ in length: {len(ids)}, {emb.shape[0]}, {labels.shape[0]}"
+        )
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "label": datasets.Value("int64"),
+            "embedding": datasets.Sequence(datasets.Value("float32"), length=int(emb.shape[1])),
+        }
+    )
+    table = datasets.Dataset.from_dict(
+        {"id": list(ids), "label": labels.astype(np.int64), "embedding": emb.astype(np.float32)},
+        features=features,
+        info=datasets.DatasetInfo(description=json.dumps(meta), features=features),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old = None
+    try:
+        table.save_to_disk(str(tmp / "ds"))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "ds")
+        os.replace(tmp / "ds", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pfclib.checkpoint import load_backbone
     from pfclib.data import DATASET_KINDS, build_dataset
@@ -112,15 +163,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--kind", default="folder", choices=DATASET_KINDS, help="its format (default: folder)"
     )
-    parser.add_argument("--out", required=True, help="the .npy file to write (labels and JSON beside it)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="the .npy file to write (labels and JSON beside it), or the folder for --format hf",
+    )
+    parser.add_argument(
+        "--format",
+        default="npy",
+        choices=("npy", "hf"),
+        help="npy: float32 (N, D) array + labels + JSON (default); hf: an HF dataset folder (id, label, embedding)",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     parser.add_argument("--no-flip", action="store_true", help="do not add the mirrored image's embedding")
     parser.add_argument("--device", default="cpu", help="torch device of the backbone (default cpu)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be a positive number of images, got {args.batch_size}")
-    if Path(args.out).suffix != ".npy":
-        parser.error(f"--out must name a .npy file, got {args.out!r}")
+    if args.format == "npy" and Path(args.out).suffix != ".npy":
+        parser.error(f"--out must name a .npy file with --format npy, got {args.out!r}")
+    if args.format == "hf" and Path(args.out).suffix == ".npy":
+        parser.error(f"--format hf writes a dataset folder: --out {args.out!r} names a .npy file")
+    if (
+        args.format == "hf"
+        and Path(args.out).exists()
+        and not (Path(args.out) / "dataset_info.json").is_file()
+    ):
+        parser.error(f"--out {args.out!r} exists and is not an HF dataset folder: choose a new path")
 
     ckpt = resolve_checkpoint(args.checkpoint)
     model, config = load_backbone(ckpt, map_location=args.device)
@@ -142,6 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if files is not None and root is not None:
         meta["files"] = [str(Path(f).relative_to(root)) for f in files]
         meta["classes"] = list(getattr(dataset, "classes", []))
+    if args.format == "hf":
+        ids = meta.get("files") or [str(i) for i in range(emb.shape[0])]
+        write_embeddings_hf(args.out, emb, labels, ids, meta)
+        print(
+            f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to the HF dataset folder {args.out}"
+        )
+        return 0
     write_embeddings(args.out, emb, labels, meta)
     print(f"wrote {emb.shape[0]} embeddings of dimension {emb.shape[1]} to {args.out} (+ labels, json)")
     return 0

@@ -57,6 +57,7 @@ from pfclib.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
     resolve_resume,
+    resume_changes,
     save_checkpoint,
 )
 from pfclib.config import TrainConfig
@@ -284,6 +285,15 @@ class _CsvLog:
         self._file.close()
 
 
+def _saved_lr(ckpt: dict[str, Any], step: int) -> float:
+    """The backbone's learning rate at ``step`` under the schedule a checkpoint was trained with."""
+    try:
+        saved = ckpt["scheduler"][0]
+        return float(saved["base_lrs"][0] * WarmupPolyDecay(**saved["lr_lambdas"][0])(step))
+    except (KeyError, IndexError, TypeError):
+        return float("nan")
+
+
 def _build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     o = config.optim
     params = [p for p in model.parameters() if p.requires_grad]
@@ -305,6 +315,7 @@ def _load_verification_sets(config: TrainConfig) -> list[tuple[str, Any]]:
     sets, seen = [], set()
     for path in config.eval.verification:
         vset = load_verification(_resolve(path), image_size=config.image_size)
+        vset.check_usable(config.eval.nfolds)  # before training, not at the first evaluation
         name = getattr(vset, "name", None) or Path(path).stem
         base, i = name, 1
         while name in seen:
@@ -429,20 +440,45 @@ def training_function(
     )
     schedule = WarmupPolyDecay(total_steps, min(o.warmup_steps, total_steps), o.power, o.min_lr_ratio)
     schedulers = make_schedulers([backbone_opt_raw, head_opt], schedule)
+    peak_lrs = (o.lr, o.head_lr if o.head_lr is not None else o.lr)
     scaler = accelerator.scaler  # a GradScaler for fp16 only
 
     # ---- resume
     start_step, micro_offset, loss_history_before = 0, 0, 0
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path, map_location="cpu")
-        start_step = int(ckpt["step"])
         saved_world = int(ckpt.get("world_size", len(ckpt.get("head_rng", [])) or 1))
+        applied, refused = resume_changes(ckpt["config"], config.to_dict(), saved_world, world)
+        if refused:
+            raise ValueError(
+                f"cannot resume {resume_path} with these settings changed: {'; '.join(refused)}. They shape "
+                "the model, the data or the optimizer state the checkpoint holds: set them back to the "
+                "checkpoint's values, or start a new run in another output_dir"
+            )
+        start_step = int(ckpt["step"])
         accelerator.unwrap_model(model).load_state_dict(ckpt["backbone"])
         backbone_opt_raw.load_state_dict(ckpt["backbone_optimizer"])
         head.load_full_state_dict(ckpt["head"], optimizer=head_opt)
+        # The schedule and peak rates are this run's (the checkpoint's unless max_steps, lr, ... were
+        # changed above): the schedulers' saved counters are loaded, not their schedule (LambdaLR
+        # would write the old parameters into the shared schedule object) nor their peak rates;
+        # set_step puts every rate at start_step with LambdaLR's arithmetic, bitwise what an
+        # uninterrupted run has.
         for sched, sd in zip(schedulers, ckpt.get("scheduler", [])):
-            sched.load_state_dict(sd)
+            keep = {k: v for k, v in sd.items() if k not in ("lr_lambdas", "base_lrs")}
+            sched.load_state_dict({**keep, "lr_lambdas": [None] * len(sched.lr_lambdas)})
+        for sched, peak in zip(schedulers, peak_lrs):
+            sched.base_lrs = [peak] * len(sched.optimizer.param_groups)
+            for group in sched.optimizer.param_groups:
+                group["initial_lr"] = peak
         set_step(schedulers, start_step)
+        for line in applied:
+            accelerator.print(f"resume: {line} (applied)")
+        if applied:
+            accelerator.print(
+                f"resume: schedule {schedule!r}; backbone lr at step {start_step}: "
+                f"{_saved_lr(ckpt, start_step):.6g} under the checkpoint's settings -> {schedulers[0].get_last_lr()[0]:.6g}"
+            )
         if scaler is not None and ckpt.get("grad_scaler"):
             scaler.load_state_dict(ckpt["grad_scaler"])
         if saved_world == world:
@@ -485,7 +521,17 @@ def training_function(
     batches = iter(loader)
 
     # ---- logging (rank 0)
-    vsets = _load_verification_sets(config) if is_main else []
+    vsets, error = [], None
+    if is_main:  # the sets live on rank 0; a bad one stops every rank, before the first step
+        try:
+            vsets = _load_verification_sets(config)
+        except (OSError, ValueError) as exc:
+            error = exc
+    problem = _broadcast_object(None if error is None else f"{type(error).__name__}: {error}", world)
+    if error is not None:
+        raise error
+    if problem is not None:
+        raise ValueError(f"eval.verification failed on rank 0: {problem}")
     vnames = [name for name, _ in vsets]
     csv_log = tb = None
     if is_main:

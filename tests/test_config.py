@@ -133,3 +133,30 @@ def test_shipped_presets_parse(name):
     cfg = TrainConfig.from_yaml(ROOT / "configs" / name)
     assert cfg.output_dir and not Path(cfg.output_dir).is_absolute()
     assert not Path(cfg.data.path).is_absolute()
+
+
+def test_yaml_1_1_traps_are_explained(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: 5\noptim:\n  lr: 1e-3\n")  # YAML 1.1: a string, not a float
+    with pytest.raises(
+        TypeError,
+        match=r"optim.lr must be float, got str: '1e-3' \(YAML reads 1e-3 as text; write it with a dot, e.g. 1.0e-03",
+    ):
+        TrainConfig.from_yaml(path)
+    path.write_text("max_steps: 5\noptim:\n  head_lr: 1e-3\n")  # float | None: the same hint
+    with pytest.raises(TypeError, match=r"write it with a dot"):
+        TrainConfig.from_yaml(path)
+    path.write_text("max_steps: 5\nlog:\n  progress: off\n")  # YAML 1.1: a bool
+    with pytest.raises(
+        TypeError, match=r"log.progress must be str, got bool: False \(YAML reads unquoted off/on"
+    ):
+        TrainConfig.from_yaml(path)
+    path.write_text("max_steps: 5\noptim:\n  lr: 1.0e-3\nlog:\n  progress: 'off'\n")
+    cfg = TrainConfig.from_yaml(path)
+    assert cfg.optim.lr == 1e-3 and cfg.log.progress == "off"
+
+
+@pytest.mark.parametrize("key", ["lr", "head_lr"])
+def test_learning_rates_must_be_finite(key):
+    with pytest.raises(ValueError, match=rf"optim.{key} must be .*a finite number > 0, got inf"):
+        TrainConfig.from_dict({"max_steps": 1, "optim": {key: float("inf")}})

@@ -88,3 +88,34 @@ def test_bad_input_is_named_and_leaves_no_file(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no identity sub-folders"):
         main(["--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "empty"), "--out", str(out)])
     assert not list(tmp_path.glob("emb*")) and not list(tmp_path.glob(".emb*"))
+
+
+def test_hf_dataset_output_holds_ids_labels_and_the_same_embeddings(tmp_path, capsys):
+    import datasets
+
+    data = make_folder(tmp_path / "faces")
+    make_run(tmp_path / "run")
+    run = ["--checkpoint", str(tmp_path / "run"), "--data", str(data)]
+    assert main([*run, "--out", str(tmp_path / "emb.npy")]) == 0
+    out = tmp_path / "out" / "emb_ds"
+    assert main([*run, "--format", "hf", "--out", str(out)]) == 0
+    ds = datasets.load_from_disk(str(out))
+    assert ds.column_names == ["id", "label", "embedding"] and len(ds) == 6
+    assert ds["id"][2] == "id1/0.png" and ds["label"] == [0, 0, 1, 1, 2, 2]
+    np.testing.assert_array_equal(
+        np.asarray(ds["embedding"], dtype=np.float32), np.load(tmp_path / "emb.npy")
+    )
+    meta = json.loads(ds.info.description)
+    assert meta["step"] == 7 and meta["dim"] == 8
+    # written again over itself: replaced, and no temporary folder is left beside it
+    assert main([*run, "--format", "hf", "--out", str(out), "--no-flip"]) == 0
+    assert json.loads(datasets.load_from_disk(str(out)).info.description)["flip"] is False
+    assert sorted(p.name for p in out.parent.iterdir()) == ["emb_ds"]
+    # a .npy name with --format hf, and an existing folder that is not a dataset, are refused
+    with pytest.raises(SystemExit):
+        main([*run, "--format", "hf", "--out", str(tmp_path / "x.npy")])
+    assert "writes a dataset folder" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(SystemExit):
+        main([*run, "--format", "hf", "--out", str(tmp_path / "mine")])
+    assert "is not an HF dataset folder" in capsys.readouterr().err

@@ -197,3 +197,38 @@ def test_default_targets_fail_when_they_are_not_met_and_the_big_run_is_judged():
     assert not failed["big"]["ok"] and "failed: exit 1: out of memory" in "\n".join(
         headbench.describe_default_targets(failed)
     )
+
+
+def test_gpu_preset_grid():
+    bench = _benchmark_script()
+    import argparse
+
+    args = argparse.Namespace(
+        gpu=True,
+        quick=False,
+        device="cpu",
+        device_given=False,
+        out=None,
+        repeats=3,
+        pairs=5,
+        big=4_000_000,
+        embedding_size=512,
+        batch_size=128,
+        chunk_size=4096,
+        classes=[1],
+        sample_rates=[0.5],
+        methods=["linear"],
+        embedding_dtype="float32",
+        pair_classes=None,
+        baseline_max_classes=None,
+    )
+    bench._apply_presets(args)
+    grid = bench._grid(args)
+    assert {c["device"] for c in grid} == {"cuda"} and {c["embedding_dtype"] for c in grid} == {"bfloat16"}
+    baseline = sorted(c["num_classes"] for c in grid if c["method"] == "baseline")
+    dense = sorted(c["num_classes"] for c in grid if c["method"] == "dense")
+    assert baseline == [1_000_000, 8_000_000] and dense == [1_000_000, 8_000_000, 29_000_000]
+    assert args.out == "results/gpu/benchmarks/head.json" and args.pair_classes == 8_000_000 and args.big == 0
+    args.device, args.device_given, args.gpu = "cpu", True, True
+    bench._apply_presets(args)
+    assert args.device == "cpu"  # an explicit --device wins

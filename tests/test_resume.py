@@ -218,3 +218,90 @@ def test_two_process_checkpoint_resumes_on_one_process(tiny_data, tmp_path):  # 
     torch.testing.assert_close(final_one["head"]["weight"], final_two["head"]["weight"], rtol=1e-4, atol=1e-6)
     for k, v in final_two["backbone"].items():
         torch.testing.assert_close(final_one["backbone"][k], v, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- resume policy
+def _lrs(run: Path) -> dict[int, float]:
+    rows = (run / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    return {int(r.split(",")[0]): float(r.split(",")[header.index("lr")]) for r in rows[1:]}
+
+
+def test_resume_with_more_steps_continues_the_schedule(tiny_data, tmp_path, capsys):  # noqa: F811
+    from pfclib.schedule import WarmupPolyDecay
+
+    extra = {
+        "max_steps": 6,
+        "eval.verification": [],
+        "data.batch_size": 16,
+        "log.every": 1,
+        "optim.warmup_steps": 2,
+    }
+    cfg = tiny_config(tiny_data, tmp_path / "run", **extra)
+    training_function(cfg)
+    longer = training_function({**cfg, "max_steps": 12, "resume": "auto"})
+    out = capsys.readouterr().out
+    assert longer["start_step"] == 6 and longer["steps"] == 12
+    assert "resume: max_steps: 6 -> 12 (applied)" in out and "WarmupPolyDecay(total_steps=12" in out
+    lrs, schedule = _lrs(tmp_path / "run"), WarmupPolyDecay(12, 2, 2.0, 0.0)
+    for step in range(7, 13):  # the row of step s shows the rate its update used: lr * schedule(s - 1)
+        assert lrs[step] == pytest.approx(0.1 * schedule(step - 1), rel=1e-5) and lrs[step] > 0
+    # the checkpoint now records the new length
+    assert load_checkpoint(Path(longer["checkpoint"]))["config"]["max_steps"] == 12
+
+
+def test_resume_with_a_new_peak_lr_applies_it(tiny_data, tmp_path, capsys):  # noqa: F811
+    from pfclib.schedule import WarmupPolyDecay
+
+    extra = {
+        "max_steps": 8,
+        "checkpoint.every": 4,
+        "eval.verification": [],
+        "data.batch_size": 16,
+        "log.every": 1,
+    }
+    cfg = tiny_config(tiny_data, tmp_path / "run", **extra)
+    training_function({**cfg, "stop_after": 4})
+    training_function({**cfg, "resume": "auto", "optim": {**cfg["optim"], "lr": 0.05}})
+    assert "resume: optim.lr: 0.1 -> 0.05 (applied)" in capsys.readouterr().out
+    lrs, schedule = _lrs(tmp_path / "run"), WarmupPolyDecay(8, 3, 2.0, 0.0)
+    assert [lrs[s] for s in range(5, 9)] == pytest.approx(
+        [0.05 * schedule(s - 1) for s in range(5, 9)], rel=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ({"head.sample_rate": 0.25}, "head.sample_rate: 0.5 -> 0.25"),
+        ({"optim.momentum": 0.5}, "optim.momentum: 0.9 -> 0.5"),
+        (
+            {"data.batch_size": 8},
+            "data.batch_size: 16 -> 8 per process on 1 -> 1 process(es): global batch 16 -> 8",
+        ),
+        ({"head.margin": "cosface"}, "head.margin.name: 'arcface' -> (unset)"),
+    ],
+)
+def test_resume_refuses_changes_to_what_the_checkpoint_means(tiny_data, tmp_path, override, named):  # noqa: F811
+    from pfclib.config import TrainConfig
+
+    extra = {"max_steps": 4, "eval.verification": [], "data.batch_size": 16}
+    cfg = tiny_config(tiny_data, tmp_path / "run", **extra)
+    done = training_function(cfg)
+    changed = TrainConfig.from_dict(cfg).replace(**override, resume="auto").to_dict()
+    with pytest.raises(ValueError, match="cannot resume .*" + named.replace("(", r"\(").replace(")", r"\)")):
+        training_function(changed)
+    assert list_checkpoints(tmp_path / "run") == [Path(done["checkpoint"])]
+
+
+@pytest.mark.parametrize("genuine", [True, False])
+def test_a_one_sided_verification_set_stops_training_before_it_starts(tiny_data, tmp_path, genuine):  # noqa: F811
+    from pfclib.data.verification import write_bin
+
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    bad = write_bin(tmp_path / "one_sided.bin", images, [genuine] * 10, image_format="PNG")
+    cfg = tiny_config(tiny_data, tmp_path / "run", **{"max_steps": 4, "eval.verification": [str(bad)]})
+    kind = "genuine" if genuine else "impostor"
+    with pytest.raises(ValueError, match=f"'one_sided': all 10 pairs are {kind}; verification needs both"):
+        training_function(cfg)
+    assert list_checkpoints(tmp_path / "run") == []

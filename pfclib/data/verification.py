@@ -64,6 +64,22 @@ class VerificationSet:
                 f"{self.name}: {self.images.shape[0]} images for {self.issame.shape[0]} pairs; expected 2 per pair"
             )
 
+    def check_usable(self, nfolds: int) -> None:
+        """Raise ``ValueError`` unless the set can be scored by ``nfolds``-fold verification: at least
+        one genuine and one impostor pair (otherwise accuracy thresholds, ROC and TAR@FAR are
+        undefined) and at least ``nfolds`` pairs."""
+        genuine = int(self.issame.sum())
+        if genuine == 0 or genuine == self.num_pairs:
+            kind = "genuine" if genuine else "impostor"
+            raise ValueError(
+                f"verification set {self.name!r}: all {self.num_pairs} pairs are {kind}; verification needs "
+                "both genuine and impostor pairs (accuracy, ROC and TAR@FAR are undefined otherwise)"
+            )
+        if self.num_pairs < nfolds:
+            raise ValueError(
+                f"verification set {self.name!r}: {self.num_pairs} pairs cannot be split into {nfolds} folds"
+            )
+
     @property
     def num_pairs(self) -> int:
         return int(self.issame.shape[0])
