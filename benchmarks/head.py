@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         big = run_isolated({**_config(args, "dense", args.big, rate), "repeats": 3}, memory_limit=limit)
         print(_table([big]).splitlines()[-1])
-    default = check_default_targets(versus, flat, big, limit)
+    default = check_default_targets(versus, flat, big, limit, records)
     for line in describe_default_targets(default):
         print(line)
     out = resolve(args.out or "results/benchmarks/head.json")

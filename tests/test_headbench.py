@@ -232,3 +232,20 @@ def test_gpu_preset_grid():
     args.device, args.device_given, args.gpu = "cpu", True, True
     bench._apply_presets(args)
     assert args.device == "cpu"  # an explicit --device wins
+
+
+def test_floor_is_the_fastest_measured_and_covers_the_sparse_head():
+    bench = _benchmark_script()
+    speed = iter([1000.0, 150.0, 160.0, 1100.0, 900.0, 400.0])
+    pairs = bench.run_pairs(
+        {"method": "baseline"},
+        {"method": "dense"},
+        3,
+        runner=lambda cfg: _rec(cfg["method"], 10, next(speed), 1),
+        log=None,
+    )
+    slow_sparse = [{**_rec("sparse", 10, 300, 1, floor=80)}]  # another process measured a faster product
+    t = headbench.check_default_targets(pairs, [], None, 2**30, slow_sparse)["versus_baseline"]
+    assert t["floor_ms"] == 80 and t["dense_over_floor_median"] == 2.0 and t["sparse_over_floor"] == 3.75
+    assert not t["floor_ok"]  # the sparse head is over x2.5
+    assert "×2.00 default, ×3.75 sparse" in headbench.describe_default_targets({"versus_baseline": t})[0]
