@@ -114,3 +114,13 @@ def test_sampler_errors():
         draw_without_replacement(3, 5, g)
     with pytest.raises(ValueError, match=r"local positive classes \[2\] are missing"):
         remap_labels(torch.tensor([2, -1]), torch.tensor([0, 1, 3]))
+
+
+def test_k_is_the_floor_of_r_times_n_not_the_rounding():
+    import pfclib
+
+    assert num_sampled(0.29, 10) == 2  # round() would give 3
+    assert num_sampled(0.999, 1000) == 999 and num_sampled(0.1, 9) == 0
+    head = pfclib.PartialFC(10, 4, sample_rate=0.29)
+    head(torch.randn(1, 4), torch.tensor([0]))
+    assert head.last_index.numel() == 2
