@@ -27,9 +27,12 @@ test: $(STAMP)
 
 # (Re)install when the lock or the package metadata changes. torch is pinned inside the lock, in the
 # same pip call, so a CPU machine never resolves a CUDA build. `-e .` installs both packages of
-# pyproject.toml: pfclib (the library) and pfcrepro (the reproduction harness).
+# pyproject.toml: pfclib (the library) and pfcrepro (the reproduction harness). The Jupyter kernel
+# `pfclib` is registered inside the venv (--sys-prefix): every notebook names it in its metadata, and
+# papermill (pfcrepro.nbrun), nbval and JupyterLab started from .venv find it there.
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name pfclib --display-name "pfclib (.venv)"
 	touch $@

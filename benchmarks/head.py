@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _apply_presets(args)
     from pfclib.io import write_json
-    from pfclib.paths import resolve
+    from pfcrepro.paths import resolve
 
     records = []
     for config in _grid(args):

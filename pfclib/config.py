@@ -53,7 +53,7 @@ class DataConfig:
     """Training data. ``kind``/``path``/``image_size`` go to :func:`pfclib.data.build_dataset`."""
 
     kind: str = "synthetic"  # synthetic | recordio | folder | imagefolder_hf | hf
-    path: str = "scratch/data/tiny"  # relative paths are resolved from the repository root
+    path: str = "scratch/data/tiny"  # relative: from the config file's folder (see TrainConfig.resolve_paths)
     batch_size: int = 32  # images per process per micro-batch
     num_workers: int = 0  # DataLoader workers; 0 keeps CPU runs simplest (order is exact either way)
     hflip: bool = True  # random horizontal flip, p = 0.5, seeded by (seed, rank, step, micro-batch)
@@ -81,6 +81,12 @@ class HeadConfig:
     def __post_init__(self) -> None:
         _require(0.0 < self.sample_rate <= 1.0, f"head.sample_rate must be in (0, 1], got {self.sample_rate}")
         _require(self.update in _UPDATES, f"head.update must be one of {list(_UPDATES)}, got {self.update!r}")
+        from pfclib import margins  # checked here, not when the head is built after the data are opened
+
+        try:
+            margins.create(self.margin)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"head.margin: {exc}") from exc
         _require(
             self.num_classes is None or self.num_classes >= 1,
             f"head.num_classes must be None or >= 1, got {self.num_classes}",
@@ -176,9 +182,16 @@ class CheckpointConfig:
     every: int = 0  # save every N optimizer steps; 0: only at the end
     at_end: bool = True
     keep: int = 2  # keep the newest K checkpoint files
+    # sharded: each rank writes its own rows of the head (no gathering: scales to any C); single:
+    # one file holding the whole head (small heads, one file to move around). Both resume anywhere.
+    layout: str = "sharded"
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, f"checkpoint.every must be >= 0, got {self.every}")
+        _require(
+            self.layout in ("sharded", "single"),
+            f"checkpoint.layout must be 'sharded' or 'single', got {self.layout!r}",
+        )
         _require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
 
 
@@ -188,7 +201,7 @@ class TrainConfig:
     top-level keys because checkpoints consumers (:func:`pfclib.checkpoint.load_backbone`, the
     evaluation CLI) rebuild the network from them."""
 
-    output_dir: str = "scratch/train"  # relative paths are resolved from the repository root
+    output_dir: str = "scratch/train"  # relative: from the config file's folder (see resolve_paths)
     seed: int = 0
     device: str = "auto"  # auto (CUDA if available) | cpu | cuda
     mixed_precision: str = "no"  # no | fp16 | bf16 (the backbone only; the head computes in fp32)
@@ -202,6 +215,11 @@ class TrainConfig:
     # evaluation. Used to test and demonstrate exact resume.
     stop_after: int | None = None
     resume: str | None = None  # None | "auto" (newest checkpoint in output_dir, if any) | a checkpoint path
+    # Fine-tuning: start from the backbone of another run (a checkpoint file or a run folder: its newest
+    # checkpoint). Only the backbone's weights are taken (same backbone, embedding_size, image_size);
+    # the head is new, for this data's classes, and so are the optimizers and the schedule. Ignored
+    # when the run resumes from its own checkpoint.
+    init_from: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -245,11 +263,19 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, section: str | None = None) -> TrainConfig:
         """Read a YAML file with ``yaml.safe_load``. ``section`` selects a (dotted) sub-mapping, e.g.
-        ``"train"`` in ``params.yaml``; without it the whole file is the configuration."""
+        ``"train"`` in ``params.yaml``; without it the whole file is the configuration. Relative
+        paths in it are taken from the file's folder (:meth:`resolve_paths`), so a config works
+        from wherever it is used."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ValueError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from exc
         if section:
             for part in section.split("."):
                 if not isinstance(data, dict) or part not in data:
@@ -262,7 +288,30 @@ class TrainConfig:
             raise TypeError(
                 f"config in {str(path)!r} (section {section!r}) must be a mapping, got {type(data).__name__}"
             )
-        return cls.from_dict(data)
+        return cls.from_dict(data).resolve_paths(path.resolve().parent)
+
+    def resolve_paths(self, base: str | os.PathLike) -> TrainConfig:
+        """A copy whose relative paths (``output_dir``, ``data.path``, ``eval.verification``,
+        ``resume`` unless ``"auto"``, ``init_from``) are made absolute against ``base``; absolute
+        ones are kept. :meth:`from_yaml` uses the config file's folder, the command line the current
+        folder for ``--set`` values; the trainer takes whatever is still relative from the current
+        folder."""
+        base = Path(base)
+
+        def fix(p: str | None) -> str | None:
+            if p is None or Path(p).expanduser().is_absolute():
+                return None if p is None else str(Path(p).expanduser())
+            return str(base / p)
+
+        out = dataclasses.replace(
+            self,
+            output_dir=fix(self.output_dir),
+            resume=self.resume if self.resume in (None, "auto") else fix(self.resume),
+            init_from=fix(self.init_from),
+            data=dataclasses.replace(self.data, path=fix(self.data.path)),
+            eval=dataclasses.replace(self.eval, verification=[fix(v) for v in self.eval.verification]),
+        )
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """A nested plain dict (only str/int/float/bool/None/list/dict) that ``from_dict`` reads back."""

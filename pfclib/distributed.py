@@ -142,22 +142,27 @@ def _target_logits(logits: Tensor, target: Tensor) -> Tensor:
     return out
 
 
+def softmax_cross_entropy_(logits: Tensor, target: Tensor, group: Group) -> tuple[Tensor, Tensor]:
+    """In place: the mean softmax cross-entropy over classes sharded across ``group`` (see
+    :func:`margin_softmax_cross_entropy` for the arguments), and ``logits`` overwritten with this
+    rank's columns of the softmax probabilities (the gradient's main term). Returns ``(loss, probs)``."""
+    n, k = logits.shape
+    row_max = logits.amax(dim=1) if k > 0 else logits.new_full((n,), float("-inf"))
+    _all_reduce(row_max, dist.ReduceOp.MAX, group)
+    # The target *logit* is summed from its owner (others contribute 0): -log p_t is then
+    # log-sum-exp minus the target logit, which stays finite when p_t underflows at s = 64.
+    target_logit = _all_reduce(_target_logits(logits, target), dist.ReduceOp.SUM, group)
+    prob = logits.sub_(row_max[:, None]).exp_()
+    row_sum = _all_reduce(prob.sum(dim=1), dist.ReduceOp.SUM, group)
+    loss = (row_max + row_sum.log() - target_logit).mean()
+    return loss, prob.div_(row_sum[:, None])
+
+
 class _MarginSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, group: Group) -> Tensor:
-        n, k = logits.shape
-        if k > 0:
-            row_max = logits.amax(dim=1)
-        else:
-            row_max = logits.new_full((n,), float("-inf"))
-        _all_reduce(row_max, dist.ReduceOp.MAX, group)
-        exp = (logits - row_max[:, None]).exp_()
-        row_sum = _all_reduce(exp.sum(dim=1), dist.ReduceOp.SUM, group)
-        # The target *logit* is summed from its owner (others contribute 0): -log p_t is then
-        # log-sum-exp minus the target logit, which stays finite when p_t underflows at s = 64.
-        target_logit = _all_reduce(_target_logits(logits, target), dist.ReduceOp.SUM, group)
-        loss = (row_max + row_sum.log() - target_logit).mean()
-        ctx.save_for_backward(exp.div_(row_sum[:, None]), target)
+        loss, prob = softmax_cross_entropy_(logits.clone(), target, group)
+        ctx.save_for_backward(prob, target)
         return loss
 
     @staticmethod

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,27 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from pfclib.checkpoint import checkpoint_step, resolve_checkpoint  # the latter re-exported here
 from pfclib.io import atomic_path
 
 __all__ = ["embed_dataset", "resolve_checkpoint", "write_embeddings", "write_embeddings_hf", "main"]
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file as given, or the newest checkpoint of a run folder."""
-    from pfclib.checkpoint import checkpoint_dir, find_latest
-
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        latest = find_latest(path)
-        if latest is None:
-            raise FileNotFoundError(
-                f"{path} is a folder without checkpoints: expected a checkpoint file or a run folder "
-                f"holding {checkpoint_dir(path).name}/ckpt_<step>.pt"
-            )
-        return latest
-    raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (expected a file or a run folder)")
 
 
 def embed_dataset(
@@ -197,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     emb, labels = embed_dataset(model, dataset, batch_size=args.batch_size, flip=not args.no_flip)
     meta: dict[str, Any] = {
         "checkpoint": str(ckpt),
-        "step": int(m.group(1)) if (m := re.fullmatch(r"ckpt_(\d+)\.pt", ckpt.name)) else None,
+        "step": checkpoint_step(ckpt),
         "backbone": config["backbone"],
         "image_size": int(config["image_size"]),
         "data": str(args.data),

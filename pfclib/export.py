@@ -17,6 +17,7 @@ their cosine must be at least ``1 - 1e-6`` row by row. The file appears only onc
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from collections.abc import Sequence
@@ -78,7 +79,7 @@ def export_onnx(
     check: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Export ``model`` (eval mode, float32, CPU) to ``path`` with a dynamic batch; check it.
+    """Export a float32, CPU, eval-mode copy of ``model`` to ``path`` with a dynamic batch; check it.
 
     Traced with a batch of 2, checked with a batch of 3 (so the batch axis is known to be dynamic).
     Returns ``{"path", "opset", "image_size", "embedding_size"}`` plus the check's errors.
@@ -94,7 +95,7 @@ def export_onnx(
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     if not isinstance(opset, int) or opset < 17:
         raise ValueError(f"opset must be an int >= 17 (the dynamo exporter's range), got {opset!r}")
-    model = model.float().cpu().eval()
+    model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its dtype, device, mode
     gen = torch.Generator().manual_seed(seed)
     traced = torch.randn(2, 3, image_size, image_size, generator=gen)
     probe = torch.randn(3, 3, image_size, image_size, generator=gen)
@@ -127,8 +128,7 @@ def export_onnx(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pfclib.checkpoint import load_backbone
-    from pfclib.embed import resolve_checkpoint
+    from pfclib.checkpoint import load_backbone, resolve_checkpoint
 
     parser = argparse.ArgumentParser(prog="python -m pfclib.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a checkpoint file, or a run folder (its newest)")

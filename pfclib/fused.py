@@ -132,14 +132,7 @@ class _SampledMarginCE(torch.autograd.Function):
         if noisy is not None:
             logits.masked_fill_(noisy, 0.0)
         logits[rows, cols] = value_t.detach() * margin.s
-        # distributed softmax cross-entropy, in place (pfclib.distributed.margin_softmax_cross_entropy)
-        row_max = logits.amax(dim=1) if k > 0 else logits.new_full((n,), float("-inf"))
-        pdist._all_reduce(row_max, dist.ReduceOp.MAX, group)
-        target_logit = pdist._all_reduce(pdist._target_logits(logits, target), dist.ReduceOp.SUM, group)
-        prob = logits.sub_(row_max[:, None]).exp_()
-        row_sum = pdist._all_reduce(prob.sum(dim=1), dist.ReduceOp.SUM, group)
-        loss = (row_max + row_sum.log() - target_logit).mean()
-        prob.div_(row_sum[:, None])
+        loss, prob = pdist.softmax_cross_entropy_(logits, target, group)  # in place: logits -> probs
         ctx.save_for_backward(x, weight, index, inv_norm, prob, rows, cols, slope, clamped, noisy)
         ctx.s, ctx.work, ctx.used = margin.s, work, False
         return loss

@@ -37,6 +37,7 @@ gradients are the exact ``dL/d(centers)`` (the head is never wrapped in DDP).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,16 +53,9 @@ from pfclib.fused import sampled_margin_cross_entropy
 from pfclib.head_state import FULL_STATE_FORMAT  # noqa: F401  (re-exported)
 from pfclib.optim import LazySGD, SparseAdamW, SparseSGD, Workspace
 from pfclib.sampler import num_sampled, remap_labels, sample_classes
+from pfclib.seeding import SEED_INIT_CENTERS, SEED_SAMPLER, derive_seed
 
 _INIT_BLOCK = 4096  # rows per independently seeded block of the initial centers
-_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant used to derive per-block / per-rank seeds
-
-
-def _derive_seed(seed: int, *salt: int) -> int:
-    value = seed & 0xFFFFFFFFFFFFFFFF
-    for s in salt:
-        value = (value * _MIX + s + 1) & 0xFFFFFFFFFFFFFFFF
-    return value & 0x7FFFFFFFFFFFFFFF
 
 
 def init_centers(
@@ -78,7 +72,7 @@ def init_centers(
     gen = torch.Generator()
     for block in range(start // _INIT_BLOCK, (end - 1) // _INIT_BLOCK + 1 if n_local else 0):
         b0 = block * _INIT_BLOCK
-        gen.manual_seed(_derive_seed(seed, 1, block))
+        gen.manual_seed(derive_seed(seed, SEED_INIT_CENTERS, block))
         rows = torch.empty((_INIT_BLOCK, embedding_size), dtype=dtype).normal_(0.0, 0.01, generator=gen)
         lo, hi = max(start, b0), min(end, b0 + _INIT_BLOCK)
         out[lo - start : hi - start] = rows[lo - b0 : hi - b0]
@@ -130,10 +124,14 @@ class PartialFC(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if int(num_classes) != num_classes or num_classes < 1:
+        if not _is_whole(num_classes) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-        if int(embedding_size) != embedding_size or embedding_size < 1:
+        if not _is_whole(embedding_size) or embedding_size < 1:
             raise ValueError(f"embedding_size must be a positive integer, got {embedding_size!r}")
+        if not _is_real(sample_rate):
+            raise TypeError(
+                f"sample_rate must be a number in (0, 1], got {type(sample_rate).__name__}: {sample_rate!r}"
+            )
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
         if update not in ("dense", "sparse"):
@@ -154,7 +152,7 @@ class PartialFC(nn.Module):
             init_centers(self.start, self.n_local, self.embedding_size, self.seed, dtype, device)
         )
         self.generator = torch.Generator()
-        self.generator.manual_seed(_derive_seed(self.seed, 2, self.rank))
+        self.generator.manual_seed(derive_seed(self.seed, SEED_SAMPLER, self.rank))
         if self.track_updates:
             self.register_buffer(
                 "active_updates", torch.zeros(self.n_local, dtype=torch.int64, device=device)
@@ -379,12 +377,22 @@ class PartialFC(nn.Module):
         sparse = self.update == "sparse"
         if kind not in ("sgd", "adamw"):
             raise ValueError(f"unknown optimizer kind {kind!r}; expected 'sgd' or 'adamw'")
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay), ("eps", eps)):
+            if not (_is_real(value) or (isinstance(value, Tensor) and value.numel() == 1)):
+                raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
         self.sync()
         self._lazy = None
         if kind == "sgd":
             cls = SparseSGD if sparse else LazySGD
-            opt = cls([self.weight], lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-            opt._work = self._work  # one set of chunk buffers for the head and its optimizer
+            # one set of chunk buffers for the head and its optimizer
+            opt = cls(
+                [self.weight],
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                nesterov=nesterov,
+                work=self._work,
+            )
             if not sparse:
                 self._lazy = opt
             return opt
@@ -423,6 +431,16 @@ class PartialFC(nn.Module):
         """Load a :meth:`full_state_dict` saved with any number of ranks (this rank takes its rows);
         optimizer state moves between the optimizers of one family (see :mod:`pfclib.head_state`)."""
         head_state.load_full_state_dict(self, full, optimizer)
+
+
+def _is_real(value: Any) -> bool:
+    """A real number (int, float, numpy scalar), not a bool or a string."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_whole(value: Any) -> bool:
+    """A real number with an integral value (``10``, ``10.0``, ``np.int64(10)``), not a bool."""
+    return _is_real(value) and math.isfinite(value) and int(value) == value
 
 
 def _sync_before_state_dict(module: PartialFC, prefix: str, keep_vars: bool) -> None:

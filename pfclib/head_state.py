@@ -20,6 +20,7 @@ the entry points; the functions here do the work.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -99,21 +100,23 @@ def _full_optimizer_state(
     return {"class": type(optimizer).__name__, "hyper": hyper, "state": state}
 
 
+def _check_fits(head: PartialFC, state: Mapping[str, Any], fmt: str, what: str) -> None:
+    if state.get("format") != fmt:
+        raise ValueError(f"expected a {what} of format {fmt!r}, got {state.get('format')!r}")
+    if (state["num_classes"], state["embedding_size"]) != (head.num_classes, head.embedding_size):
+        raise ValueError(
+            f"{what} is for C={state['num_classes']}, D={state['embedding_size']}; "
+            f"this head has C={head.num_classes}, D={head.embedding_size}"
+        )
+
+
 def load_full_state_dict(
     head: PartialFC, full: Mapping[str, Any], optimizer: torch.optim.Optimizer | None = None
 ) -> None:
     """Load a full state (saved with any number of ranks): this rank takes its rows. The sampler's
     generator is restored only when the world size matches (otherwise it keeps its ``(seed, rank)``
     seeding)."""
-    if full.get("format") != FULL_STATE_FORMAT:
-        raise ValueError(
-            f"expected a full state dict of format {FULL_STATE_FORMAT!r}, got {full.get('format')!r}"
-        )
-    if (full["num_classes"], full["embedding_size"]) != (head.num_classes, head.embedding_size):
-        raise ValueError(
-            f"full state dict is for C={full['num_classes']}, D={full['embedding_size']}; "
-            f"this head has C={head.num_classes}, D={head.embedding_size}"
-        )
+    _check_fits(head, full, FULL_STATE_FORMAT, "full state dict")
     head.sync()  # a lazy optimizer's window restarts: every row loaded below is current
     rows = slice(head.start, head.start + head.n_local)
     with torch.no_grad():
@@ -133,13 +136,6 @@ def load_full_state_dict(
 def _load_full_optimizer_state(
     head: PartialFC, saved: Mapping[str, Any], optimizer: torch.optim.Optimizer, rows: slice
 ) -> None:
-    mine, theirs = type(optimizer).__name__, saved["class"]
-    if mine != theirs and not any({mine, theirs} <= fam for fam in _FAMILIES):
-        raise ValueError(f"optimizer state was saved from {theirs}, cannot load it into {mine}")
-    group = _weight_group(head, optimizer)
-    for key, value in saved["hyper"].items():
-        if key in group:
-            group[key] = value
     device, dtype = head.weight.device, head.weight.dtype
     state: dict[str, Any] = {}
     for key, value in saved["state"].items():
@@ -150,6 +146,26 @@ def _load_full_optimizer_state(
                 device, dtype if value.is_floating_point() and key != "step" else value.dtype
             ).clone()
         state[key] = value
+    _install_optimizer_state(head, saved["class"], saved["hyper"], state, optimizer)
+
+
+def _install_optimizer_state(
+    head: PartialFC,
+    theirs: str,
+    hyper: Mapping[str, Any],
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """Make ``state`` (this rank's rows, on the head's device) the optimizer state of the head's
+    weight, converting within an optimizer family (see the module doc)."""
+    mine = type(optimizer).__name__
+    if mine != theirs and not any({mine, theirs} <= fam for fam in _FAMILIES):
+        raise ValueError(f"optimizer state was saved from {theirs}, cannot load it into {mine}")
+    group = _weight_group(head, optimizer)
+    for key, value in hyper.items():
+        if key in group:
+            group[key] = value
+    device = head.weight.device
     if "step" in state and isinstance(state["step"], Tensor):
         step = state["step"]
         if mine == "SparseAdamW" and step.dim() == 0:
@@ -161,3 +177,167 @@ def _load_full_optimizer_state(
             value = float(distinct[0]) if distinct.numel() else 0.0
             state["step"] = torch.tensor(value, dtype=torch.float32)
     optimizer.state[head.weight] = state
+
+
+# ------------------------------------------------------------------------------ sharded state
+SHARD_FORMAT = "pfclib-partialfc-shard/1"
+SHARDED_FORMAT = "pfclib-partialfc-sharded/1"
+_COPY_ROWS = 65536  # rows per copy when loading shards: bounds the staging memory of a device copy
+
+
+def shard_state_dict(head: PartialFC, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """This rank's rows of the head and of ``optimizer``'s state, as plain tensors (no collective).
+
+    Keys: ``format`` (``"pfclib-partialfc-shard/1"``), ``num_classes``, ``embedding_size``,
+    ``start``/``end`` (the rows held), ``weight`` ``(end - start, D)``, ``counters`` and
+    ``optimizer`` (``{"class", "hyper", "state"}``, per-row state of this rank's rows). On a CPU
+    head the tensors share the head's memory: saving a shard costs no extra copy.
+    """
+    head.sync()
+
+    def host(t: Tensor) -> Tensor:
+        t = t.detach()
+        return t if t.device.type == "cpu" else t.cpu()
+
+    shard: dict[str, Any] = {
+        "format": SHARD_FORMAT,
+        "num_classes": head.num_classes,
+        "embedding_size": head.embedding_size,
+        "start": head.start,
+        "end": head.start + head.n_local,
+        "weight": host(head.weight),
+        "counters": None,
+        "optimizer": None,
+    }
+    if head.track_updates:
+        shard["counters"] = {"active": host(head.active_updates), "passive": host(head.passive_updates)}
+    if optimizer is not None:
+        group = _weight_group(head, optimizer)
+        local = optimizer.state.get(head.weight, {})
+        shard["optimizer"] = {
+            "class": type(optimizer).__name__,
+            "hyper": {k: v for k, v in group.items() if k != "params"},
+            "state": {k: host(v) if isinstance(v, Tensor) else v for k, v in local.items()},
+        }
+    return shard
+
+
+def sharded_manifest(head: PartialFC, shards: list[dict[str, Any]], folder: str) -> dict[str, Any]:
+    """Collective: the description of a sharded head state, stored in the checkpoint in place of
+    the full state. ``shards`` lists ``{"file", "start", "end", "bytes"}`` per rank (files relative
+    to ``folder``, itself relative to the checkpoint file's folder)."""
+    gen_state = head.generator.get_state()
+    if head.group is None:
+        states = [gen_state]
+    else:
+        states = [None] * head.world_size
+        dist.all_gather_object(states, gen_state, group=head.group)
+    return {
+        "format": SHARDED_FORMAT,
+        "num_classes": head.num_classes,
+        "embedding_size": head.embedding_size,
+        "sample_rate": head.sample_rate,
+        "update": head.update,
+        "margin": head.margin.to_dict(),
+        "world_size": head.world_size,
+        "folder": folder,
+        "shards": shards,
+        "generator_states": states,
+    }
+
+
+def _open_shard(folder: Path, entry: Mapping[str, Any]) -> dict[str, Any]:
+    path = folder / entry["file"]
+    shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if shard.get("format") != SHARD_FORMAT or (shard["start"], shard["end"]) != (
+        entry["start"],
+        entry["end"],
+    ):
+        raise ValueError(
+            f"head shard {str(path)!r} does not hold rows [{entry['start']}, {entry['end']}) of format {SHARD_FORMAT!r}"
+        )
+    return shard
+
+
+def load_sharded_state(
+    head: PartialFC,
+    manifest: Mapping[str, Any],
+    folder: str | Path,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    """Load a sharded head state (written by any number of ranks) onto this rank: only the shards
+    overlapping this rank's rows are opened, memory-mapped, and their rows copied straight into the
+    head and its optimizer state, ``_COPY_ROWS`` rows at a time. Extra host memory: the mapped pages
+    of the rows read (file cache) and one chunk. The sampler's generator is restored when the world
+    size matches."""
+    _check_fits(head, manifest, SHARDED_FORMAT, "sharded head state")
+    folder = Path(folder)
+    head.sync()
+    a, b = head.start, head.start + head.n_local
+    device, dtype = head.weight.device, head.weight.dtype
+    state: dict[str, Any] = {}
+    saved_opt = None
+    for entry in manifest["shards"]:
+        lo, hi = max(a, entry["start"]), min(b, entry["end"])
+        if lo >= hi:
+            continue
+        shard = _open_shard(folder, entry)
+        s0 = entry["start"]
+        pairs = [(head.weight, shard["weight"])]
+        if head.track_updates and shard.get("counters") is not None:
+            pairs += [
+                (head.active_updates, shard["counters"]["active"]),
+                (head.passive_updates, shard["counters"]["passive"]),
+            ]
+        if optimizer is not None:
+            if shard.get("optimizer") is None:
+                raise ValueError(
+                    f"head shard {entry['file']!r} holds no optimizer state; pass optimizer=None"
+                )
+            saved_opt = shard["optimizer"]
+            for key, value in saved_opt["state"].items():
+                if isinstance(value, Tensor) and value.dim() >= 1:
+                    if key not in state:
+                        keep = dtype if value.is_floating_point() and key != "step" else value.dtype
+                        state[key] = torch.empty((head.n_local, *value.shape[1:]), dtype=keep, device=device)
+                    pairs.append((state[key], value))
+                elif key not in state:  # a scalar (e.g. AdamW's step): the same on every rank
+                    state[key] = value.to(device).clone() if isinstance(value, Tensor) else value
+        with torch.no_grad():
+            for dst, src in pairs:
+                for r in range(lo, hi, _COPY_ROWS):
+                    r1 = min(hi, r + _COPY_ROWS)
+                    dst[r - a : r1 - a].copy_(src[r - s0 : r1 - s0])
+        del shard, pairs
+    states = manifest.get("generator_states") or []
+    if len(states) == head.world_size:
+        head.generator.set_state(states[head.rank])
+    if optimizer is not None and saved_opt is not None:
+        _install_optimizer_state(head, saved_opt["class"], saved_opt["hyper"], state, optimizer)
+
+
+def read_sharded_state(manifest: Mapping[str, Any], folder: str | Path) -> dict[str, Any]:
+    """The full state (the format of :func:`full_state_dict`) assembled from a sharded one, on the
+    CPU: for analysis and for tools that want the whole ``(C, D)`` matrix (this does hold it all)."""
+    folder = Path(folder)
+    shards = [_open_shard(folder, e) for e in manifest["shards"]]
+    full: dict[str, Any] = {
+        "format": FULL_STATE_FORMAT,
+        **{k: manifest[k] for k in ("num_classes", "embedding_size", "sample_rate", "update", "margin")},
+        "weight": torch.cat([s["weight"] for s in shards]),
+        "counters": None,
+        "generator_states": list(manifest.get("generator_states") or []),
+        "optimizer": None,
+    }
+    if all(s.get("counters") is not None for s in shards):
+        full["counters"] = {k: torch.cat([s["counters"][k] for s in shards]) for k in ("active", "passive")}
+    if all(s.get("optimizer") is not None for s in shards):
+        first = shards[0]["optimizer"]
+        state = {}
+        for key, value in first["state"].items():
+            if isinstance(value, Tensor) and value.dim() >= 1:
+                state[key] = torch.cat([s["optimizer"]["state"][key] for s in shards])
+            else:
+                state[key] = value.clone() if isinstance(value, Tensor) else value
+        full["optimizer"] = {"class": first["class"], "hyper": dict(first["hyper"]), "state": state}
+    return full

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -40,6 +41,26 @@ from torch import Tensor
 
 SIN_FLOOR = 1e-4
 """Floor of ``sin θ`` in the textbook angular-margin derivative (keeps it finite at ``cos = ±1``)."""
+
+
+def _check_field_types(margin: Margin) -> None:
+    """Every field of a margin has the type its annotation says: a real number (not a bool or a
+    string such as ``"0.5"``), ``None`` where allowed, a bool for ``straight_through``."""
+    for f in dataclasses.fields(margin):  # type: ignore[arg-type]
+        value = getattr(margin, f.name)
+        annotation = str(f.type)
+        if f.type in (bool, "bool"):
+            ok, expected = isinstance(value, bool), "a bool (true or false)"
+        else:
+            optional = "None" in annotation
+            ok = (value is None and optional) or (
+                isinstance(value, numbers.Real) and not isinstance(value, bool)
+            )
+            expected = "a real number" + (" or None" if optional else "")
+        if not ok:
+            raise TypeError(
+                f"margin {margin.name!r}: {f.name} must be {expected}, got {type(value).__name__}: {value!r}"
+            )
 
 
 def _check_scale_and_filter(s: float, filter_threshold: float | None) -> None:
@@ -136,6 +157,7 @@ class CombinedMargin(Margin):
     straight_through: bool = False
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         _check_scale_and_filter(self.s, self.filter_threshold)
         if not (math.isfinite(self.m1) and self.m1 > 0):
             raise ValueError(f"m1 must be a finite positive number, got {self.m1!r}")
@@ -161,6 +183,7 @@ class ArcFace(Margin):
     straight_through: bool = False
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         _check_scale_and_filter(self.s, self.filter_threshold)
         if not 0.0 <= self.m < math.pi:
             raise ValueError(f"ArcFace margin m must be in [0, pi), got {self.m!r}")
@@ -179,6 +202,7 @@ class CosFace(Margin):
     filter_threshold: float | None = None
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         _check_scale_and_filter(self.s, self.filter_threshold)
         if not math.isfinite(self.m):
             raise ValueError(f"CosFace margin m must be finite, got {self.m!r}")
@@ -196,6 +220,7 @@ class NormSoftmax(Margin):
     filter_threshold: float | None = None
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         _check_scale_and_filter(self.s, self.filter_threshold)
 
     def target_cosine(self, cos_target: Tensor) -> Tensor:
@@ -234,7 +259,7 @@ def create(spec: Margin | str | Mapping[str, Any]) -> Margin:
             )
         name = params.pop("name")
     else:
-        raise TypeError(f"margin must be a Margin, a name or a dict, got {type(spec).__name__}")
+        raise TypeError(f"margin must be a Margin, a name or a dict, got {type(spec).__name__}: {spec!r}")
     if name not in _REGISTRY:
         raise ValueError(f"unknown margin {name!r}; expected one of {list_margins()}")
     cls, defaults = _REGISTRY[name]

@@ -185,6 +185,7 @@ class SparseSGD(_RowSparseOptimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
+        work: Workspace | None = None,
     ) -> None:
         _check_hyper(lr, weight_decay)
         if not 0.0 <= momentum < 1.0:
@@ -194,7 +195,7 @@ class SparseSGD(_RowSparseOptimizer):
         super().__init__(
             params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov}
         )
-        self._work = Workspace()
+        self._work = Workspace() if work is None else work  # scratch buffers, shareable with the head
 
     def _init_state(self, p: Tensor, state: dict, group: dict) -> None:
         if group["momentum"] != 0.0 and "momentum_buffer" not in state:
@@ -316,6 +317,7 @@ class LazySGD(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         horizon: int = 1024,
+        work: Workspace | None = None,
     ) -> None:
         _check_hyper(lr, weight_decay)
         if not 0.0 <= momentum < 1.0:
@@ -335,7 +337,7 @@ class LazySGD(torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         self.horizon = int(horizon)
-        self._work = Workspace()
+        self._work = Workspace() if work is None else work  # scratch buffers, shareable with the head
         self._pending: dict[Tensor, dict[str, Any]] = {}  # per parameter: window bookkeeping
 
     # ------------------------------------------------------------ bookkeeping

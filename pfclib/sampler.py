@@ -14,6 +14,8 @@ so a run samples the same classes on any device).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,10 @@ from torch import Tensor
 def num_sampled(sample_rate: float, n_local: int) -> int:
     """``k = int(sample_rate * n_local)``, the number of classes a rank samples per step (before
     the positives-exceed-k rule). ``sample_rate`` must be in (0, 1]."""
+    if not isinstance(sample_rate, numbers.Real) or isinstance(sample_rate, bool):
+        raise TypeError(
+            f"sample_rate must be a number in (0, 1], got {type(sample_rate).__name__}: {sample_rate!r}"
+        )
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
     return int(sample_rate * n_local)

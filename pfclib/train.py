@@ -9,39 +9,39 @@ Run it as a script (one process, or several under a launcher)::
 
 or call :func:`training_function` from Python or a notebook (one process, no launcher needed).
 
-How a step works, top to bottom (see :func:`training_function`):
+:func:`training_function` reads top to bottom:
 
-1. An ``Accelerator`` is made first (``cpu=True`` when no CUDA is used, so torchrun on CPU gives a
-   real gloo group); the backbone and its optimizer go through one ``accelerator.prepare``. The
-   head (:class:`pfclib.PartialFC`) is built afterwards, so it sees the process group, and is
-   never prepared: its rows are a shard, not a replica. Its optimizer comes from
-   ``head.make_optimizer``. One warm-up + polynomial schedule drives both optimizers.
-2. Data order is owned here (:class:`DataOrder`): a seeded permutation per epoch; global batch
-   ``b`` of an epoch is a contiguous slice of it and rank ``r`` takes the ``r``-th part. The
-   position is a single micro-batch counter, so a checkpoint stores it exactly. The horizontal
-   flip uses a generator seeded by ``(seed, rank, step, micro-batch)``.
-3. One optimizer step = ``gradient_accumulation_steps`` micro-batches; each micro-batch loss is
-   divided by that number; DDP synchronises only on the last one. The backbone gradient is
-   clipped, then both optimizers step and both schedulers advance.
-4. Every ``checkpoint.every`` steps (and at the end) every rank joins
-   ``head.full_state_dict(optimizer)`` and the gathering of RNG states; rank 0 writes one file
-   atomically. Resume on the same number of processes restores everything bitwise (CPU); on a
-   different number the centers and their optimizer rows are re-sharded and the generators are
-   re-seeded deterministically from ``(seed, step, rank)``.
-5. Rank 0 logs to ``log.csv`` and TensorBoard, shows a tqdm bar, and runs the verification sets
-   every ``eval.every`` steps. The final metrics go to ``metrics.json`` and are returned.
+1. **Set-up.** An ``Accelerator`` (``cpu=True`` when no CUDA is used, so torchrun on CPU gives a
+   real gloo group); the data set and its order (:class:`pfclib.data.order.DataOrder`: a seeded
+   permutation per epoch, global micro-batch ``m`` a pure function of ``(seed, m, rank)``); the
+   backbone and its optimizer through one ``accelerator.prepare`` (DDP); the head
+   (:class:`pfclib.PartialFC`), built afterwards so it sees the process group and never prepared
+   (its rows are a shard, not a replica), with its optimizer from ``head.make_optimizer``; one
+   warm-up + polynomial schedule for both optimizers.
+2. **Start.** Resume from a checkpoint (:func:`pfclib.run_state.restore`: bitwise on the same
+   number of processes, re-sharded on another), or take another run's backbone (``init_from``), or
+   start fresh.
+3. **The loop.** One optimizer step = ``gradient_accumulation_steps`` micro-batches, each loss
+   divided by that number, DDP synchronising on the last one; a non-finite loss stops the run
+   (nothing after the last good checkpoint is written); the backbone gradient is clipped; both
+   optimizers step, both schedules advance. Every ``eval.every`` steps rank 0 scores the
+   verification sets; every ``checkpoint.every`` steps all ranks join
+   :func:`pfclib.run_state.capture` and rank 0 writes one file atomically.
+4. **Report** (:class:`pfclib.logs.TrainLog`, rank 0): ``log.csv``, TensorBoard, a tqdm bar on a
+   terminal or plain lines elsewhere, ``metrics.json`` and a closing summary.
+
+Paths: in a config file relative paths are taken from the file's folder; on the command line
+(``--set data.path=...``) from the current folder; in a config given as a dict, from the current folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import math
 import os
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,131 +52,25 @@ import yaml
 from torch import nn
 
 from pfclib.checkpoint import (
-    CHECKPOINT_FORMAT,
-    checkpoint_path,
     load_checkpoint,
-    prune_checkpoints,
+    remove_stale_temp_files,
     resolve_resume,
-    resume_changes,
-    save_checkpoint,
 )
 from pfclib.config import TrainConfig
-from pfclib.io import atomic_path, write_json
-from pfclib.schedule import WarmupPolyDecay, make_schedulers, set_step
+from pfclib.data.order import BatchSampler, DataOrder
+from pfclib.io import RunLock, write_json
+from pfclib.logs import TrainLog
+from pfclib.run_state import RunParts, broadcast_object, restore, save
+from pfclib.schedule import WarmupPolyDecay, make_schedulers
+from pfclib.seeding import SEED_DATA, SEED_FLIP, SEED_TORCH, derive_seed
 
 __all__ = ["DataOrder", "derive_seed", "main", "training_function"]
-
-# Purposes mixed into derived seeds so the streams never coincide.
-_SEED_FLIP, _SEED_HEAD_RESHARD, _SEED_TORCH_RESHARD, _SEED_DATA, _SEED_TORCH = 1, 2, 3, 4, 5
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed derived from non-negative integers (``numpy.random.SeedSequence``): distinct
-    tuples give independent streams, unlike ``seed + rank`` arithmetic."""
-    if any(int(p) < 0 for p in parts):
-        raise ValueError(f"seed parts must be non-negative integers, got {parts}")
-    words = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
-    return ((int(words[0]) << 32) | int(words[1])) & ((1 << 63) - 1)
-
-
-# ---------------------------------------------------------------------------------------- data order
-class DataOrder:
-    """Seeded, epoch-aware, rank-sharded order of dataset indices.
-
-    Epoch ``e`` is ``randperm(num_samples)`` drawn from a generator seeded by ``(seed, e)``; it is cut
-    into ``num_samples // (batch_size * world_size)`` global micro-batches (the remainder is
-    dropped, so every rank always sees ``batch_size`` samples); rank ``r`` takes rows
-    ``[r * batch_size, (r + 1) * batch_size)`` of each. Micro-batch ``m`` (counting from the start of
-    training, across epochs) is therefore a pure function of ``(seed, m, rank)``.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, world_size: int, seed: int):
-        if batch_size < 1 or world_size < 1:
-            raise ValueError(f"batch_size and world_size must be >= 1, got {batch_size} and {world_size}")
-        self.num_samples = int(num_samples)
-        self.batch_size = int(batch_size)
-        self.world_size = int(world_size)
-        self.seed = int(seed)
-        self.global_batch = self.batch_size * self.world_size
-        if self.num_samples < self.global_batch:
-            raise ValueError(
-                f"the dataset has {self.num_samples} samples, fewer than one global batch "
-                f"(batch_size {self.batch_size} x {self.world_size} processes = {self.global_batch})"
-            )
-        self.batches_per_epoch = self.num_samples // self.global_batch
-        self._cache: tuple[int, torch.Tensor] | None = None
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        """The index order of ``epoch`` (int64, ``(num_samples,)``)."""
-        if self._cache is None or self._cache[0] != epoch:
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, _SEED_DATA, epoch))
-            self._cache = (epoch, torch.randperm(self.num_samples, generator=gen))
-        return self._cache[1]
-
-    def indices(self, micro_batch: int, rank: int) -> list[int]:
-        """Dataset indices of ``rank``'s part of global micro-batch ``micro_batch``."""
-        if not 0 <= rank < self.world_size:
-            raise ValueError(f"rank must be in [0, {self.world_size}), got {rank}")
-        epoch, b = divmod(int(micro_batch), self.batches_per_epoch)
-        start = b * self.global_batch + rank * self.batch_size
-        return self.permutation(epoch)[start : start + self.batch_size].tolist()
-
-    def state(self, micro_batches: int) -> dict[str, int]:
-        """A plain dict locating the position after ``micro_batches`` consumed micro-batches."""
-        epoch, b = divmod(int(micro_batches), self.batches_per_epoch)
-        return {
-            "seed": self.seed,
-            "num_samples": self.num_samples,
-            "global_batch": self.global_batch,
-            "micro_batches": int(micro_batches),
-            "epoch": epoch,
-            "batch_in_epoch": b,
-            "samples_in_epoch": b * self.global_batch,
-        }
-
-    def position_from(self, state: dict[str, int]) -> int:
-        """The micro-batch index to continue from after a checkpoint's ``state``. With the same
-        global batch this is exactly the saved position; with a different one (another number of
-        processes) it is the first whole batch at or after the saved sample offset in the same epoch."""
-        if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
-            raise ValueError(
-                f"checkpoint data order (num_samples={state['num_samples']}, seed={state['seed']}) does not "
-                f"match this run (num_samples={self.num_samples}, seed={self.seed})"
-            )
-        if state["global_batch"] == self.global_batch:
-            return int(state["micro_batches"])
-        within = -(-int(state["samples_in_epoch"]) // self.global_batch)  # ceil: never repeat a sample
-        if within >= self.batches_per_epoch:
-            return (int(state["epoch"]) + 1) * self.batches_per_epoch
-        return int(state["epoch"]) * self.batches_per_epoch + within
-
-
-class _BatchSampler:
-    """Index lists of micro-batches ``start .. stop - 1`` for one rank (a DataLoader batch_sampler)."""
-
-    def __init__(self, order: DataOrder, rank: int, start: int, stop: int):
-        self.order, self.rank, self.start, self.stop = order, rank, start, stop
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for m in range(self.start, self.stop):
-            yield self.order.indices(m, self.rank)
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
 
 
 # ------------------------------------------------------------------------------------------- helpers
 def _resolve(path: str | os.PathLike) -> Path:
-    """Relative paths are taken from the repository root when there is one, else the cwd."""
-    p = Path(path)
-    if p.is_absolute():
-        return p
-    try:
-        from pfclib.paths import repo_root
-
-        return repo_root() / p
-    except FileNotFoundError:
-        return Path.cwd() / p
+    """A path as the trainer uses it: relative paths are taken from the current folder."""
+    return Path(path).expanduser().absolute()
 
 
 def _export_group_env() -> None:
@@ -221,31 +115,6 @@ def _make_accelerator(config: TrainConfig):
     return accelerator
 
 
-def _gather_objects(obj: Any, world_size: int) -> list[Any]:
-    if world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast_object(obj: Any, world_size: int) -> Any:
-    if world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _head_generator(head: nn.Module) -> torch.Generator:
-    """The class sampler's generator of the head (where pfclib.PartialFC keeps it)."""
-    for owner in (head, getattr(head, "sampler", None)):
-        gen = getattr(owner, "generator", None)
-        if isinstance(gen, torch.Generator):
-            return gen
-    raise AttributeError(f"cannot find the sampling generator of {type(head).__name__}")
-
-
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -258,40 +127,6 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
-
-
-class _CsvLog:
-    """Rank-0 CSV log, one row per logged step, flushed as it goes. On resume, rows beyond the
-    resumed step (written by the interrupted run after its last checkpoint) are dropped."""
-
-    def __init__(self, path: Path, fields: Sequence[str], resume_step: int | None):
-        self.path, self.fields = path, list(fields)
-        rows: list[dict[str, str]] = []
-        if resume_step is not None and path.is_file():
-            with path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
-        with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields, restval="", extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        self._file = path.open("a", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=self.fields, restval="", extrasaction="ignore")
-
-    def write(self, row: dict[str, Any]) -> None:
-        self._writer.writerow(row)
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _saved_lr(ckpt: dict[str, Any], step: int) -> float:
-    """The backbone's learning rate at ``step`` under the schedule a checkpoint was trained with."""
-    try:
-        saved = ckpt["scheduler"][0]
-        return float(saved["base_lrs"][0] * WarmupPolyDecay(**saved["lr_lambdas"][0])(step))
-    except (KeyError, IndexError, TypeError):
-        return float("nan")
 
 
 def _build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -347,7 +182,78 @@ def _verify(accelerator, model: nn.Module, vsets, config: TrainConfig) -> dict[s
                 results[name] = _jsonable(res)
         finally:
             net.train(was_training)
-    return _broadcast_object(results, accelerator.num_processes)
+    return broadcast_object(results, accelerator.num_processes)
+
+
+def _verification_warnings(config: TrainConfig, data_path: Path) -> list[str]:
+    """Why the evaluation of a run on one's own data would say nothing about it, if it would."""
+    kind = config.data.kind
+    if kind == "synthetic":
+        return []
+    make = (
+        f"make pairs from held-out identities of your data with `python -m pfclib.data.pairs --data {data_path} "
+        f"--kind {kind} --out pairs.bin` and set eval.verification to it"
+    )
+    if not config.eval.verification:
+        return [
+            f"data.kind={kind!r} and eval.verification names no verification set: this run reports its loss only; {make}"
+        ]
+    out = []
+    for v in config.eval.verification:
+        p = _resolve(v)
+        if (p.parent / "meta.json").is_file() and p.parent != data_path:
+            out.append(
+                f"eval.verification {str(p)!r} holds the pairs of a synthetic data set, unrelated to the "
+                f"{kind} data at {data_path}: its scores say nothing about this model on your identities; {make}"
+            )
+    return out
+
+
+def _init_backbone(model: nn.Module, config: TrainConfig, num_classes: int) -> str:
+    """Load the backbone weights of another run (``init_from``) into ``model``; return the notice."""
+    from pfclib.checkpoint import resolve_checkpoint
+
+    path = resolve_checkpoint(_resolve(config.init_from))
+    ckpt = load_checkpoint(path, map_location="cpu")
+    saved = ckpt["config"]
+    wrong = [
+        f"{key} {saved.get(key, {} if key == 'backbone_kwargs' else None)!r} there, {getattr(config, key)!r} here"
+        for key in ("backbone", "embedding_size", "image_size", "backbone_kwargs")
+        if saved.get(key, {} if key == "backbone_kwargs" else None) != getattr(config, key)
+    ]
+    if wrong:
+        raise ValueError(
+            f"init_from {str(path)!r}: its backbone does not fit this run ({'; '.join(wrong)}); set these "
+            "to the checkpoint's values to fine-tune from it"
+        )
+    model.load_state_dict(ckpt["backbone"], strict=True)
+    return (
+        f"init_from: backbone weights of {path} (step {int(ckpt['step'])}, trained with "
+        f"{ckpt['head'].get('num_classes', '?')} classes); a new head for {num_classes} classes, new optimizers"
+    )
+
+
+def _due(done: int, every: int, total_steps: int, at_end: bool) -> bool:
+    return (every > 0 and done % every == 0) or (done == total_steps and at_end)
+
+
+def _all_finite(x: torch.Tensor, world: int) -> bool:
+    """Collective: True when ``x`` is finite on every rank (so that all ranks stop together)."""
+    flag = torch.isfinite(x).all().to(torch.int32)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
+def _diverged(step: int, what: str, last_checkpoint: Path | None) -> FloatingPointError:
+    where = (
+        f"the last checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint of this run yet"
+    )
+    return FloatingPointError(
+        f"training diverged at step {step}: {what}; stopped before anything else was written ({where}). "
+        "Lower optim.lr / optim.head_lr, raise optim.warmup_steps or set optim.grad_clip, then resume "
+        "from that checkpoint or start again"
+    )
 
 
 # ------------------------------------------------------------------------------------ the training run
@@ -368,37 +274,56 @@ def training_function(
     (images per second over all processes, training time only), ``verification`` (``{set name:
     evaluate_verification result}`` of the last evaluation), ``checkpoint`` (last file written or
     None), ``resumed_from``, ``stopped_early``. Rank 0 also writes it to ``<output_dir>/metrics.json``.
+
+    Raises ``FloatingPointError`` when the loss or the weights become NaN or infinite (on every rank,
+    before any further checkpoint is written).
     """
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig or a dict, got {type(config).__name__}")
+    accelerator = _make_accelerator(config)
+    out_dir = _resolve(config.output_dir)
+    # One run per output folder: rank 0 holds <output_dir>/.lock for the whole run (released on any
+    # exit, by the kernel if the process dies); every rank learns whether it got it.
+    lock, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(out_dir).acquire()
+        except (RuntimeError, OSError) as exc:
+            problem = str(exc)
+    problem = broadcast_object(problem, accelerator.num_processes)
+    if problem is not None:
+        raise RuntimeError(problem)
+    try:
+        return _run(config, callback, accelerator, out_dir)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _run(config: TrainConfig, callback, accelerator, out_dir: Path) -> dict[str, Any]:
+    """The body of :func:`training_function`, while this run holds its output folder."""
     from pfclib import models
     from pfclib.data import build_dataset, random_hflip
     from pfclib.head import PartialFC
 
-    accelerator = _make_accelerator(config)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
-    is_main = accelerator.is_main_process
-    # torch's global generator (dropout, ...): per rank, from the seed; restored exactly on resume
-    torch.manual_seed(derive_seed(config.seed, _SEED_TORCH, rank))
-    out_dir = _resolve(config.output_dir)
-    o = config.optim
-    accum = o.gradient_accumulation_steps
-    resume_path = resolve_resume(config.resume, out_dir)
+    # ---- 1. set-up: processes, data, backbone (+ DDP), head, optimizers, schedule
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    is_main, say = accelerator.is_main_process, accelerator.print
+    torch.manual_seed(derive_seed(config.seed, SEED_TORCH, rank))  # dropout etc.; restored on resume
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in remove_stale_temp_files(out_dir):  # safe: no other run writes here
+            say(f"removed {leftover}, left by an interrupted checkpoint write")
+    resume_path = resolve_resume(config.resume, out_dir, log=say)
 
-    # ---- data
     data_path = _resolve(config.data.path)
     if config.data.kind == "synthetic" and config.data.generate:
         with accelerator.main_process_first():
             if is_main and not (data_path / "meta.json").is_file():
                 from pfclib.data import synthetic
 
-                accelerator.print(f"generating synthetic data into {data_path}")
+                say(f"generating synthetic data into {data_path}")
                 synthetic.generate(synthetic.SyntheticConfig(**config.data.generate), data_path)
     dataset = build_dataset(config.data.kind, data_path, image_size=config.image_size)
     num_classes = config.head.num_classes or int(dataset.num_classes)
@@ -407,7 +332,7 @@ def training_function(
     order = DataOrder(len(dataset), config.data.batch_size, world, config.seed)
     total_steps = _total_steps(config, order)
 
-    # ---- backbone (+ DDP through accelerate) and head (never prepared)
+    o, accum = config.optim, config.optim.gradient_accumulation_steps
     model = models.create(
         config.backbone,
         embedding_size=config.embedding_size,
@@ -430,9 +355,10 @@ def training_function(
     )
     if head.world_size != world:
         raise RuntimeError(f"the head sees {head.world_size} ranks but accelerate runs {world} processes")
+    head_lr = o.head_lr if o.head_lr is not None else o.lr
     head_opt = head.make_optimizer(
         o.optimizer,
-        lr=o.head_lr if o.head_lr is not None else o.lr,
+        lr=head_lr,
         momentum=o.momentum,
         weight_decay=o.weight_decay,
         betas=tuple(o.betas),
@@ -440,245 +366,169 @@ def training_function(
     )
     schedule = WarmupPolyDecay(total_steps, min(o.warmup_steps, total_steps), o.power, o.min_lr_ratio)
     schedulers = make_schedulers([backbone_opt_raw, head_opt], schedule)
-    peak_lrs = (o.lr, o.head_lr if o.head_lr is not None else o.lr)
-    scaler = accelerator.scaler  # a GradScaler for fp16 only
+    parts = RunParts(
+        config,
+        world,
+        rank,
+        device,
+        accelerator.unwrap_model(model),
+        backbone_opt_raw,
+        head,
+        head_opt,
+        schedulers,
+        order,
+        accelerator.scaler,
+    )
 
-    # ---- resume
-    start_step, micro_offset, loss_history_before = 0, 0, 0
+    # ---- 2. start: resume this run, or take another run's backbone, or start fresh
+    start_step, micro_offset, history_offset = 0, 0, 0
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path, map_location="cpu")
-        saved_world = int(ckpt.get("world_size", len(ckpt.get("head_rng", [])) or 1))
-        applied, refused = resume_changes(ckpt["config"], config.to_dict(), saved_world, world)
-        if refused:
-            raise ValueError(
-                f"cannot resume {resume_path} with these settings changed: {'; '.join(refused)}. They shape "
-                "the model, the data or the optimizer state the checkpoint holds: set them back to the "
-                "checkpoint's values, or start a new run in another output_dir"
-            )
+        micro_offset = restore(parts, ckpt, resume_path, (o.lr, head_lr), say)
         start_step = int(ckpt["step"])
-        accelerator.unwrap_model(model).load_state_dict(ckpt["backbone"])
-        backbone_opt_raw.load_state_dict(ckpt["backbone_optimizer"])
-        head.load_full_state_dict(ckpt["head"], optimizer=head_opt)
-        # The schedule and peak rates are this run's (the checkpoint's unless max_steps, lr, ... were
-        # changed above): the schedulers' saved counters are loaded, not their schedule (LambdaLR
-        # would write the old parameters into the shared schedule object) nor their peak rates;
-        # set_step puts every rate at start_step with LambdaLR's arithmetic, bitwise what an
-        # uninterrupted run has.
-        for sched, sd in zip(schedulers, ckpt.get("scheduler", [])):
-            keep = {k: v for k, v in sd.items() if k not in ("lr_lambdas", "base_lrs")}
-            sched.load_state_dict({**keep, "lr_lambdas": [None] * len(sched.lr_lambdas)})
-        for sched, peak in zip(schedulers, peak_lrs):
-            sched.base_lrs = [peak] * len(sched.optimizer.param_groups)
-            for group in sched.optimizer.param_groups:
-                group["initial_lr"] = peak
-        set_step(schedulers, start_step)
-        for line in applied:
-            accelerator.print(f"resume: {line} (applied)")
-        if applied:
-            accelerator.print(
-                f"resume: schedule {schedule!r}; backbone lr at step {start_step}: "
-                f"{_saved_lr(ckpt, start_step):.6g} under the checkpoint's settings -> {schedulers[0].get_last_lr()[0]:.6g}"
-            )
-        if scaler is not None and ckpt.get("grad_scaler"):
-            scaler.load_state_dict(ckpt["grad_scaler"])
-        if saved_world == world:
-            _head_generator(head).set_state(ckpt["head_rng"][rank])
-            torch.set_rng_state(ckpt["rng"]["torch"][rank])
-            cuda_states = ckpt["rng"].get("cuda")
-            if cuda_states and device.type == "cuda":
-                torch.cuda.set_rng_state(cuda_states[rank], device)
-        else:
-            _head_generator(head).manual_seed(derive_seed(config.seed, _SEED_HEAD_RESHARD, start_step, rank))
-            torch.manual_seed(derive_seed(config.seed, _SEED_TORCH_RESHARD, start_step, rank))
-            accelerator.print(
-                f"resuming a {saved_world}-process checkpoint on {world} process(es): centers and their optimizer "
-                f"rows re-sharded; sampler and torch generators re-seeded from (seed={config.seed}, "
-                f"step={start_step}, rank)"
-            )
-        micro_offset = order.position_from(ckpt["data_state"])
-        loss_history_before = len(ckpt.get("metrics", {}).get("loss_history", []))
-        accelerator.print(f"resumed from {resume_path} at step {start_step}")
+        history_offset = len(ckpt.get("metrics", {}).get("loss_history", []))
+        say(f"resumed from {resume_path} at step {start_step}")
         del ckpt
-    elif config.resume is not None:
-        accelerator.print(
-            f"resume={config.resume!r}: no checkpoint in {out_dir / 'checkpoints'}, starting fresh"
-        )
+    else:
+        if config.resume is not None:
+            say(f"resume={config.resume!r}: no checkpoint in {out_dir / 'checkpoints'}, starting fresh")
+        if config.init_from is not None:
+            say(_init_backbone(parts.model, config, num_classes))
 
-    def micro_index(step: int, micro: int) -> int:
+    def micro_index(step: int, micro: int = 0) -> int:
         return micro_offset + (step - start_step) * accum + micro
 
     end_step = total_steps if config.stop_after is None else min(total_steps, config.stop_after)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=_BatchSampler(
-            order, rank, micro_index(start_step, 0), micro_index(max(end_step, start_step), 0)
-        ),
-        num_workers=config.data.num_workers,
-        pin_memory=device.type == "cuda",
-        # its own generator: a DataLoader iterator otherwise draws its base seed from the global one
-        generator=torch.Generator().manual_seed(derive_seed(config.seed, _SEED_DATA, rank, start_step)),
+    batches = iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=BatchSampler(
+                order, rank, micro_index(start_step), micro_index(max(end_step, start_step))
+            ),
+            num_workers=config.data.num_workers,
+            pin_memory=device.type == "cuda",
+            # its own generator: a DataLoader iterator otherwise draws its base seed from the global one
+            generator=torch.Generator().manual_seed(derive_seed(config.seed, SEED_DATA, rank, start_step)),
+        )
     )
-    batches = iter(loader)
 
-    # ---- logging (rank 0)
+    # ---- verification sets (rank 0; a bad one stops every rank before the first step) and the log
     vsets, error = [], None
-    if is_main:  # the sets live on rank 0; a bad one stops every rank, before the first step
+    if is_main:
         try:
             vsets = _load_verification_sets(config)
         except (OSError, ValueError) as exc:
             error = exc
-    problem = _broadcast_object(None if error is None else f"{type(error).__name__}: {error}", world)
+    problem = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", world)
     if error is not None:
         raise error
     if problem is not None:
         raise ValueError(f"eval.verification failed on rank 0: {problem}")
-    vnames = [name for name, _ in vsets]
-    csv_log = tb = None
-    if is_main:
-        accelerator.print(
-            f"training {config.backbone} + PartialFC(C={num_classes}, r={config.head.sample_rate}, "
-            f"update={config.head.update}) on {world} process(es), device {device}, steps {start_step}->{end_step} "
-            f"of {total_steps}, global batch {order.global_batch * accum}"
-        )
-        if config.log.csv:
-            fields = ["step", "epoch", "loss", "lr", "head_lr", "grad_norm", "samples_per_s", "elapsed_s"]
-            fields += [f"{n}/{k}" for n in vnames for k in ("acc", "acc_std", "auc")]
-            csv_log = _CsvLog(out_dir / "log.csv", fields, start_step if resume_path is not None else None)
-        if config.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb = SummaryWriter(
-                str(out_dir / "tensorboard"), purge_step=start_step + 1 if resume_path else None
-            )
-    show_bar = config.log.progress == "on" or (config.log.progress == "auto" and sys.stderr.isatty())
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=end_step, initial=start_step, disable=not (is_main and show_bar), desc="train")
-
-    # ---- checkpoint (collective: every rank joins)
-    last_checkpoint: Path | None = None
-    loss_history: list[float] = []
-
-    def save(step: int) -> Path:
-        full_head = head.full_state_dict(optimizer=head_opt)
-        head_rng = _gather_objects(_head_generator(head).get_state(), world)
-        torch_rng = _gather_objects(torch.get_rng_state(), world)
-        cuda_rng = _gather_objects(torch.cuda.get_rng_state(device), world) if device.type == "cuda" else None
-        path = checkpoint_path(out_dir, step)
-        if is_main:
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "config": config.to_dict(),
-                "step": step,
-                "world_size": world,
-                "backbone": accelerator.unwrap_model(model).state_dict(),
-                "backbone_optimizer": backbone_opt_raw.state_dict(),
-                "scheduler": [s.state_dict() for s in schedulers],
-                "head": full_head,
-                "head_rng": head_rng,
-                "data_state": order.state(micro_index(step, 0)),
-                "rng": {"torch": torch_rng, "cuda": cuda_rng},
-                "grad_scaler": scaler.state_dict() if scaler is not None else None,
-                "metrics": {"loss_history": list(loss_history), "start_step": start_step},
-            }
-            save_checkpoint(state, path)
-            prune_checkpoints(out_dir, config.checkpoint.keep)
-        accelerator.wait_for_everyone()
-        return path
+    images_per_step = order.global_batch * accum
+    log = TrainLog(
+        config,
+        out_dir,
+        active=is_main,
+        vnames=[name for name, _ in vsets],
+        start_step=start_step,
+        end_step=end_step,
+        total_steps=total_steps,
+        resumed=resume_path is not None,
+        images_per_step=images_per_step,
+    )
+    log.say(
+        f"training {config.backbone} + PartialFC(C={num_classes:,}, r={config.head.sample_rate}, "
+        f"update={config.head.update}) on {world} process(es), device {device}, steps {start_step}->{end_step} "
+        f"of {total_steps}, global batch {images_per_step}, output {out_dir}"
+    )
+    for text in _verification_warnings(config, data_path):
+        log.warn(text)
 
     def notify(event: str, step: int, **extra: Any) -> None:
         if callback is not None:
-            info = {"step": step, "model": accelerator.unwrap_model(model), "head": head}
-            callback(event, {**info, "optimizers": (backbone_opt_raw, head_opt), **extra})
-
-    # ---- the loop
-    model.train()
-    head.train()
-    notify("start", start_step)
-    verification: dict[str, dict] = {}
-    train_time, window_time, window_steps = 0.0, 0.0, 0
-    images_per_step = order.global_batch * accum
-    step = start_step
-    for step in range(start_step, end_step):
-        t0 = time.perf_counter()
-        step_loss = 0.0
-        for micro in range(accum):
-            images, labels = next(batches)
-            if config.data.hflip:
-                gen = torch.Generator().manual_seed(derive_seed(config.seed, _SEED_FLIP, rank, step, micro))
-                images = random_hflip(images, gen)
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            sync = micro == accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                embeddings = model(images)
-                loss = head(embeddings, labels)  # fp32, the global mean over all ranks' samples
-                accelerator.backward(loss / accum)
-            step_loss += loss.item() / accum
-        grad_norm = float("nan")
-        if o.grad_clip is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), o.grad_clip))
-        if scaler is not None:
-            scaler.step(head_opt)  # before backbone_opt.step(), which also calls scaler.update()
-        else:
-            head_opt.step()
-        backbone_opt.step()
-        backbone_opt.zero_grad(set_to_none=True)
-        head_opt.zero_grad(set_to_none=True)
-        lr, head_lr = backbone_opt_raw.param_groups[0]["lr"], head_opt.param_groups[0]["lr"]
-        for sched in schedulers:
-            sched.step()
-        elapsed = time.perf_counter() - t0
-        train_time += elapsed
-        window_time += elapsed
-        window_steps += 1
-        loss_history.append(step_loss)
-        done = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.3g}")
-        notify("step", done, loss=step_loss)
-
-        evaluate_now = config.eval.every > 0 and done % config.eval.every == 0
-        evaluate_now |= done == total_steps and config.eval.at_end
-        if evaluate_now and config.eval.verification:
-            verification = _verify(accelerator, model, vsets, config)
-        if is_main and (done % config.log.every == 0 or done == end_step or evaluate_now):
-            row = {
-                "step": done,
-                "epoch": f"{micro_index(done, 0) / order.batches_per_epoch:.4f}",
-                "loss": f"{step_loss:.6f}",
-                "lr": f"{lr:.6g}",
-                "head_lr": f"{head_lr:.6g}",
-                "grad_norm": f"{grad_norm:.6g}",
-                "samples_per_s": f"{images_per_step * window_steps / max(window_time, 1e-9):.2f}",
-                "elapsed_s": f"{train_time:.3f}",
+            info = {
+                "step": step,
+                "model": parts.model,
+                "head": head,
+                "optimizers": (backbone_opt_raw, head_opt),
             }
-            if evaluate_now:
-                for name, res in verification.items():
-                    for k in ("acc", "acc_std", "auc"):
-                        if k in res:
-                            row[f"{name}/{k}"] = f"{float(res[k]):.6f}"
-            if csv_log is not None:
-                csv_log.write(row)
-            if tb is not None:
-                tb.add_scalar("train/loss", step_loss, done)
-                tb.add_scalar("train/lr", lr, done)
-                tb.add_scalar("train/samples_per_s", float(row["samples_per_s"]), done)
-                if evaluate_now:
-                    for name, res in verification.items():
-                        for k in ("acc", "auc"):
-                            if k in res:
-                                tb.add_scalar(f"verification/{name}/{k}", float(res[k]), done)
-            window_time, window_steps = 0.0, 0
-        save_now = config.checkpoint.every > 0 and done % config.checkpoint.every == 0
-        save_now |= done == total_steps and config.checkpoint.at_end
-        if save_now:
-            last_checkpoint = save(done)
-    bar.close()
-    notify("end", max(end_step, start_step))
-    steps_done = end_step if end_step > start_step else start_step
-    stopped_early = steps_done < total_steps
+            callback(event, {**info, **extra})
 
+    # ---- 3. the loop
+    loss_history: list[float] = []
+    last_checkpoint: Path | None = None
+    verification: dict[str, dict] = {}
+    train_time = 0.0
+    try:  # a run that stops with an error still closes its log files
+        model.train()
+        head.train()
+        notify("start", start_step)
+        for step in range(start_step, end_step):
+            t0 = time.perf_counter()
+            step_loss = 0.0
+            for micro in range(accum):
+                images, labels = next(batches)
+                if config.data.hflip:
+                    flips = torch.Generator().manual_seed(
+                        derive_seed(config.seed, SEED_FLIP, rank, step, micro)
+                    )
+                    images = random_hflip(images, flips)
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                with contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model):
+                    embeddings = model(images)
+                    if not _all_finite(embeddings, world):
+                        raise _diverged(
+                            step + 1, "the backbone's embeddings hold NaN or inf", last_checkpoint
+                        )
+                    loss = head(embeddings, labels)  # fp32, the global mean over all ranks' samples
+                    accelerator.backward(loss / accum)
+                step_loss += loss.item() / accum
+            if not math.isfinite(step_loss):  # the same on every rank: all stop together
+                raise _diverged(
+                    step + 1, f"the loss is {step_loss} (the mean over all processes)", last_checkpoint
+                )
+            grad_norm = float("nan")
+            if o.grad_clip is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), o.grad_clip))
+            if accelerator.scaler is not None:
+                accelerator.scaler.step(head_opt)  # before backbone_opt.step(), which calls scaler.update()
+            else:
+                head_opt.step()
+            backbone_opt.step()
+            backbone_opt.zero_grad(set_to_none=True)
+            head_opt.zero_grad(set_to_none=True)
+            lr, lr_head = backbone_opt_raw.param_groups[0]["lr"], head_opt.param_groups[0]["lr"]
+            for sched in schedulers:
+                sched.step()
+            seconds = time.perf_counter() - t0
+            train_time += seconds
+            loss_history.append(step_loss)
+            done = step + 1
+            notify("step", done, loss=step_loss)
+
+            evaluated = None
+            if _due(done, config.eval.every, total_steps, config.eval.at_end) and config.eval.verification:
+                verification = evaluated = _verify(accelerator, model, vsets, config)
+            log.step(
+                done,
+                loss=step_loss,
+                lr=lr,
+                head_lr=lr_head,
+                grad_norm=grad_norm,
+                epoch=micro_index(done) / order.batches_per_epoch,
+                seconds=seconds,
+                verification=evaluated,
+            )
+            if _due(done, config.checkpoint.every, total_steps, config.checkpoint.at_end):
+                metrics_so_far = {"loss_history": list(loss_history), "start_step": start_step}
+                last_checkpoint = save(parts, out_dir, done, micro_index(done), metrics_so_far)
+    except BaseException:
+        log.close()
+        raise
+    notify("end", max(end_step, start_step))
+
+    # ---- 4. report
+    steps_done = max(end_step, start_step)
     metrics = {
         "steps": steps_done,
         "start_step": start_step,
@@ -686,7 +536,7 @@ def training_function(
         "world_size": world,
         "global_batch": images_per_step,
         "loss_history": loss_history,
-        "loss_history_offset": loss_history_before,
+        "loss_history_offset": history_offset,
         "final_loss": loss_history[-1] if loss_history else None,
         "final_loss_avg": float(np.mean(loss_history[-10:])) if loss_history else None,
         "samples_per_s": images_per_step * len(loss_history) / train_time if train_time > 0 else None,
@@ -694,41 +544,110 @@ def training_function(
         "verification": verification,
         "checkpoint": str(last_checkpoint) if last_checkpoint is not None else None,
         "resumed_from": str(resume_path) if resume_path is not None else None,
-        "stopped_early": stopped_early,
+        "stopped_early": steps_done < total_steps,
     }
+    log.close()
     if is_main:
-        if csv_log is not None:
-            csv_log.close()
-        if tb is not None:
-            tb.close()
         write_json(out_dir / "metrics.json", _jsonable(metrics))
-        summary = f"done: step {steps_done}/{total_steps}"
-        if loss_history:
-            summary += f", loss {loss_history[0]:.4f} -> {loss_history[-1]:.4f}"
-        for name, res in verification.items():
-            summary += f", {name} acc {res.get('acc', float('nan')):.4f}"
-        accelerator.print(summary)
+        log.summary(metrics, out_dir / "metrics.json", [_resolve(v) for v in config.eval.verification])
     accelerator.wait_for_everyone()
     return metrics
 
 
 # ------------------------------------------------------------------------------------------------- CLI
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs, each value read as YAML, except that only ``true``/``false`` are
+    booleans: ``--set mixed_precision=no`` or ``log.progress=off`` mean the words (YAML 1.1 would read
+    them as false), and a word given for a true/false setting is refused by the config's type check."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"--set expects key=value (e.g. optim.lr=0.05), got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
+            parsed = value.strip()
+        out[key.strip()] = parsed
     return out
+
+
+_UNITS = {
+    "data.batch_size": "images per process",
+    "head.sample_rate": "r in (0, 1]",
+    "head.update": "dense|sparse",
+    "optim.optimizer": "sgd|adamw",
+    "optim.warmup_steps": "steps",
+    "optim.grad_clip": "L2 norm",
+    "eval.every": "steps",
+    "eval.batch_size": "images",
+    "log.every": "steps",
+    "log.progress": "auto|on|off",
+    "checkpoint.every": "steps",
+    "checkpoint.keep": "files",
+    "max_steps": "optimizer steps",
+    "mixed_precision": "no|fp16|bf16",
+    "image_size": "pixels",
+}
+
+
+def _epilog() -> str:
+    """The config keys by section (from the dataclasses, so the list cannot go stale), backbones, data kinds."""
+    import dataclasses
+
+    from pfclib import models
+    from pfclib.data import DATASET_KINDS
+
+    def keys(cls: type, prefix: str) -> str:
+        out = []
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type) or f.name in (
+                "data",
+                "head",
+                "optim",
+                "eval",
+                "log",
+                "checkpoint",
+            ):
+                continue
+            unit = _UNITS.get(prefix + f.name)
+            out.append(f"{f.name} ({unit})" if unit else f.name)
+        return " ".join(out)
+
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    lines = ["config keys (pfclib.config documents each; every 'every' and *_steps counts optimizer steps):"]
+    lines.append(f"  {'top level:':12s} {keys(TrainConfig, '')}")
+    for name in ("data", "head", "optim", "eval", "log", "checkpoint"):
+        lines.append(f"  {name + ':':12s} {keys(hints[name], name + '.')}")
+    lines += [
+        f"backbones:    {' '.join(models.list_models())}",
+        f"data kinds:   {' '.join(DATASET_KINDS)}",
+        "paths:        relative paths in the config file are taken from its folder, those given with",
+        "              --set or --resume from the current folder",
+        "examples:     configs/tiny_cpu.yaml (synthetic, CPU), configs/example_folder.yaml,",
+        "              configs/example_hf.yaml, configs/example_recordio.yaml",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line: ``--config FILE [--section KEY] [--set key=value ...] [--resume PATH|auto]``."""
-    parser = argparse.ArgumentParser(prog="python -m pfclib.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML file with a TrainConfig")
+    parser = argparse.ArgumentParser(
+        prog="python -m pfclib.train",
+        description=__doc__.splitlines()[0],
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
-        "--section", default=None, help="(dotted) key of the config inside the file, e.g. train"
+        "--config",
+        required=True,
+        help="YAML file with a training config (relative paths inside: from its folder)",
+    )
+    parser.add_argument(
+        "--section",
+        default=None,
+        help="(dotted) key of the config inside the file, e.g. train for params.yaml",
     )
     parser.add_argument(
         "--set",
@@ -736,10 +655,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value (dotted key, YAML value), e.g. --set optim.lr=0.05; repeatable",
+        help="override a config value (dotted key, YAML value), e.g. --set optim.lr=0.05 or "
+        "--set data.path=faces (relative to the current folder); repeatable",
     )
     parser.add_argument(
-        "--resume", default=None, help="a checkpoint path, or 'auto' for the newest in output_dir"
+        "--resume",
+        default=None,
+        help="continue a run: a checkpoint file, or 'auto' for the newest checkpoint in output_dir (a fresh "
+        "start when there is none)",
     )
     args = parser.parse_args(argv)
     config = TrainConfig.from_yaml(args.config, section=args.section)
@@ -747,7 +670,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.resume is not None:
         overrides["resume"] = args.resume
     if overrides:
-        config = config.replace(**overrides)
+        # the file's paths are absolute by now (from its folder): what is still relative came from here
+        config = config.replace(**overrides).resolve_paths(Path.cwd())
     return training_function(config)
 
 

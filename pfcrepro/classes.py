@@ -190,8 +190,8 @@ def class_analysis(
 ) -> pd.DataFrame:
     """Per-class state of a trained head against its training data, from one checkpoint.
 
-    Loads the backbone and the full head (``checkpoint["head"]``: centers ``(C, D)`` and, when the run
-    tracked them, the update counters) and embeds every training image of the synthetic ``dataset``.
+    Loads the backbone and the full head (:func:`pfclib.checkpoint.load_head`, whole or sharded:
+    centers ``(C, D)`` and, when the run tracked them, the update counters) and embeds every training image of the synthetic ``dataset``.
 
     Returns:
         One row per class ``label`` with ``size`` (training images), ``active`` / ``passive`` (the
@@ -206,12 +206,12 @@ def class_analysis(
     import torch
 
     from pfclib import eval as pfe
-    from pfclib.checkpoint import load_backbone, load_checkpoint
+    from pfclib.checkpoint import load_backbone, load_checkpoint, load_head
     from pfclib.data.synthetic import SyntheticDataset
 
     state = load_checkpoint(checkpoint, map_location="cpu")
     model, config = load_backbone(checkpoint, map_location="cpu")
-    head = state["head"]
+    head = load_head(checkpoint)
     trained_dtype = head["weight"].dtype
     weight = head["weight"].detach().to(torch.float64)
     num_classes, dim = weight.shape

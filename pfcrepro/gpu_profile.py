@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from pfclib.io import atomic_path, write_json
-from pfclib.paths import repo_root
+from pfcrepro.paths import repo_root
 
 from .nbrun import run_notebook, stage_parameters
 

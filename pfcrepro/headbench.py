@@ -398,7 +398,7 @@ def measure_head_grid(
 
 
 def _repo_root_or_cwd() -> Path:
-    from pfclib.paths import repo_root
+    from pfcrepro.paths import repo_root
 
     try:
         return repo_root()

@@ -10,11 +10,18 @@ and, per stage, one mapping per profile. The chosen mapping plus ``out_dir`` bec
 parameters (they override the tiny defaults of its ``parameters`` cell). The executed copy is
 written to ``<out-dir>/<notebook name>`` through a temporary name, so a failed run never leaves
 a half-executed notebook where DVC expects its output.
+
+The notebook runs in the kernel its metadata names (``pfclib``, which ``make`` registers inside
+``.venv``), as nbval and JupyterLab run it; a kernel that is not installed is an error naming the
+command that installs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
+import json
 import os
 import shutil
 import sys
@@ -23,9 +30,11 @@ from typing import Any
 
 import yaml
 
-from pfclib.paths import repo_root
+from pfcrepro.paths import repo_root
 
 PROFILES = ("cpu", "gpu")
+RUNNER_PARAMETERS = ("out_dir", "profile")  # set by the runner for every notebook
+_NOT_LITERAL = object()  # a parameters-cell default that is an expression, not a literal
 
 
 def stage_parameters(
@@ -55,6 +64,129 @@ def stage_parameters(
     return values
 
 
+def notebook_kernel(notebook: str | os.PathLike) -> str:
+    """The kernel named in the notebook's ``metadata.kernelspec``, checked to be installed.
+
+    Raises ``ValueError`` when the notebook names no kernel and ``RuntimeError`` when the named one
+    is not installed (the message gives the command that registers it). A kernel that starts another
+    Python than this one is allowed, with a note on stderr.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    path = Path(notebook)
+    metadata = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+    name = (metadata.get("kernelspec") or {}).get("name")
+    if not name:
+        raise ValueError(f"{path}: metadata.kernelspec names no kernel")
+    try:
+        spec = KernelSpecManager().get_kernel_spec(name)
+    except NoSuchKernel:
+        raise RuntimeError(
+            f"{path.name} runs in the Jupyter kernel {name!r}, which is not installed for {sys.executable}; "
+            f"register it in this environment with: {sys.executable} -m ipykernel install --sys-prefix "
+            f'--name {name} --display-name "{name} (.venv)"   (make does this for .venv)'
+        ) from None
+    argv0 = spec.argv[0] if spec.argv else ""
+    if os.path.isabs(argv0) and os.path.abspath(argv0) != os.path.abspath(sys.executable):
+        print(f"note: kernel {name!r} runs {argv0}, not this Python ({sys.executable})", file=sys.stderr)
+    return name
+
+
+def notebook_parameters(notebook: str | os.PathLike) -> dict[str, Any] | None:
+    """The names the notebook's cell tagged ``parameters`` assigns, with their default values (a
+    default that is not a Python literal maps to an opaque marker); None when it has no such cell."""
+    path = Path(notebook)
+    if not path.is_file():
+        raise FileNotFoundError(f"notebook {str(path)!r} does not exist")
+    for cell in json.loads(path.read_text(encoding="utf-8")).get("cells", []):
+        if cell.get("cell_type") != "code" or "parameters" not in cell.get("metadata", {}).get("tags", []):
+            continue
+        source = cell.get("source", "")
+        source = source if isinstance(source, str) else "".join(source)
+        declared: dict[str, Any] = {}
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, ast.AnnAssign) and node.value is not None:
+                targets = [node.target]
+            else:
+                continue
+            try:
+                default = ast.literal_eval(node.value)
+            except (ValueError, TypeError, SyntaxError, RecursionError):
+                default = _NOT_LITERAL
+            for target in targets:
+                if isinstance(target, ast.Name):
+                    declared[target.id] = default
+        return declared
+    return None
+
+
+def _expected_kind(default: Any) -> tuple[tuple[type, ...], str] | None:
+    """The types a parameter with this default accepts (an int where a float is expected, a list
+    where a tuple is) and their name; None when anything goes (None or a non-literal default)."""
+    if default is None or default is _NOT_LITERAL:
+        return None
+    if isinstance(default, bool):
+        return (bool,), "bool"
+    if isinstance(default, int):
+        return (int,), "int"
+    if isinstance(default, float):
+        return (int, float), "float"
+    if isinstance(default, list | tuple):
+        return (list, tuple), "list"
+    return (type(default),), type(default).__name__
+
+
+def check_parameters(
+    notebook: str | os.PathLike, parameters: dict[str, Any], where: str = "parameters"
+) -> None:
+    """Raise unless every parameter is declared in the notebook's ``parameters`` cell (``out_dir``
+    and ``profile`` are always allowed) and has the type of its default there.
+
+    A misspelt name would otherwise be injected by papermill beside the real one, which silently
+    keeps its tiny default. ``ValueError`` names the unknown parameters, the closest declared names
+    and all declared ones; ``TypeError`` names the parameter, its value and the expected type (a YAML
+    number without a dot, ``1e-3``, is read as text: the message says so). A notebook without a
+    ``parameters`` cell is not checked."""
+    path = Path(notebook)
+    declared = notebook_parameters(path)
+    if declared is None:
+        return
+    unknown = sorted(set(parameters) - set(declared) - set(RUNNER_PARAMETERS))
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, list(declared), n=1)
+            if close:
+                hints.append(f"{name!r} -> {close[0]!r}?")
+        hint = f" (did you mean: {', '.join(hints)})" if hints else ""
+        raise ValueError(
+            f"{where}: unknown parameter(s) {unknown} for {path.name}{hint}; its parameters cell "
+            f"declares {sorted(declared)}"
+        )
+    for name, value in parameters.items():
+        kind = _expected_kind(declared.get(name))
+        if kind is None or name in RUNNER_PARAMETERS:
+            continue
+        types, expected = kind
+        if isinstance(value, types) and not (isinstance(value, bool) and bool not in types):
+            continue
+        hint = ""
+        if isinstance(value, str) and expected in ("int", "float"):
+            try:
+                float(value)
+                hint = f" (YAML reads {value} as text: write a float with a dot, e.g. {float(value):.1e})"
+            except ValueError:
+                pass
+        if isinstance(value, bool) and expected == "str":
+            hint = " (YAML reads unquoted off/on/yes/no as booleans: quote the word)"
+        raise TypeError(
+            f"{where}: parameter {name!r} of {path.name} must be {expected} like its default "
+            f"{declared[name]!r}, got {type(value).__name__}: {value!r}{hint}"
+        )
+
+
 def run_notebook(
     notebook: str | os.PathLike,
     section: str,
@@ -69,10 +201,12 @@ def run_notebook(
     root = repo_root()
     notebook = Path(notebook) if Path(notebook).is_absolute() else root / notebook
     out = Path(out_dir) if Path(out_dir).is_absolute() else root / out_dir
-    out.mkdir(parents=True, exist_ok=True)
     parameters = stage_parameters(section, params_file, profile)
     parameters["out_dir"] = str(out.relative_to(root)) if out.is_relative_to(root) else str(out)
     parameters.update(extra or {})
+    check_parameters(notebook, parameters, f"{params_file} section {section!r} ({parameters['profile']})")
+    kernel = notebook_kernel(notebook)
+    out.mkdir(parents=True, exist_ok=True)
     final = out / notebook.name
     tmp = out / f".{notebook.stem}.running.ipynb"
     # The kernel inherits this environment; a non-inline backend there (MPLBACKEND=Agg, common in
@@ -90,7 +224,7 @@ def run_notebook(
             str(tmp),
             parameters=parameters,
             cwd=str(root),
-            kernel_name="python3",
+            kernel_name=kernel,
             progress_bar=False,
         )
     except BaseException:

@@ -137,7 +137,7 @@ def run_trials(
         base: the base configuration, a :class:`~pfclib.config.TrainConfig` or a plain (nested) dict.
         trials: e.g. from :func:`factorial`.
         out_root: each run writes to ``<out_root>/<trial.slug>`` (its ``output_dir``; checkpoints,
-            ``log.csv``); relative paths are resolved from the repository root by the trainer.
+            ``log.csv``); relative paths (here and in ``base``) are resolved from the repository root.
         train_fn: ``fn(TrainConfig) -> metrics dict``; default :func:`pfclib.train.training_function`.
         extra: optional ``fn(trial, metrics, config) -> {column: value}`` computing more columns from a
             finished run (e.g. reading its checkpoint).
@@ -149,6 +149,7 @@ def run_trials(
         data loading and evaluation included) and those of ``extra``.
     """
     from pfclib.config import TrainConfig, apply_overrides
+    from pfcrepro.paths import repo_root
 
     if train_fn is None:
         from pfclib.train import training_function as train_fn
@@ -161,6 +162,7 @@ def run_trials(
     for i, trial in enumerate(trials):
         overrides = {**trial.overrides, "output_dir": str(Path(out_root) / trial.slug)}
         config = TrainConfig.from_dict(apply_overrides(base_dict, overrides))
+        config = config.resolve_paths(repo_root())  # params.yaml's paths are relative to the repository
         t0 = time.perf_counter()
         metrics = train_fn(config)
         wall = time.perf_counter() - t0
@@ -188,7 +190,7 @@ def ensure_dataset(path: str | os.PathLike, generate: Mapping[str, Any] | None =
     otherwise be used with the wrong parameters); a mismatch regenerates it.
     """
     from pfclib.data import synthetic
-    from pfclib.paths import resolve
+    from pfcrepro.paths import resolve
 
     root = resolve(path)
     if (root / "meta.json").is_file():

@@ -96,7 +96,7 @@ def _tiny_config(tmp_path, data, name, **head):
 
 
 def test_class_analysis_drift_is_measured_from_the_centers_the_trainer_started_from(tmp_path):
-    from pfclib.checkpoint import load_checkpoint
+    from pfclib.checkpoint import load_head
     from pfclib.data.synthetic import load_meta
     from pfclib.head import init_centers
     from pfclib.train import training_function
@@ -122,7 +122,7 @@ def test_class_analysis_drift_is_measured_from_the_centers_the_trainer_started_f
     assert (df["steps"] == 3).all()
     assert ((df["active"] + df["passive"]) <= 3).all() and df["active"].sum() > 0
     assert df["train_top1"].between(0, 1).all()
-    final = load_checkpoint(metrics["checkpoint"])["head"]["weight"]
+    final = load_head(metrics["checkpoint"])["weight"]
     np.testing.assert_allclose(df["drift_deg"], classes.row_angles(trainer_initial, final), rtol=0, atol=1e-9)
     assert (df["drift_deg"] > 0).all()  # the dense update moves every center
     assert df["center_to_mean_deg"].between(0, 180).all()

@@ -68,10 +68,22 @@ def test_a_run_folder_resolves_to_its_newest_checkpoint(tmp_path):
     make_run(tmp_path / "run", step=3)
     make_run(tmp_path / "run", step=12)
     assert resolve_checkpoint(tmp_path / "run").name == "ckpt_00000012.pt"
-    with pytest.raises(FileNotFoundError, match="folder without checkpoints"):
+    assert resolve_checkpoint(tmp_path / "run" / "checkpoints").name == "ckpt_00000012.pt"
+    given = tmp_path / "run" / "checkpoints" / "ckpt_00000003.pt"
+    assert resolve_checkpoint(given) == given  # a file is taken as given, even an older one
+    with pytest.raises(FileNotFoundError, match="folder without checkpoints") as exc:
         resolve_checkpoint(tmp_path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    assert str(tmp_path) in str(exc.value)
+    with pytest.raises(FileNotFoundError, match="nope.pt' does not exist"):
         resolve_checkpoint(tmp_path / "nope.pt")
+
+
+def test_resolve_checkpoint_lives_in_pfclib_checkpoint_and_is_re_exported_here():
+    import pfclib.checkpoint
+    import pfclib.embed
+
+    assert pfclib.embed.resolve_checkpoint is pfclib.checkpoint.resolve_checkpoint
+    assert "resolve_checkpoint" in pfclib.checkpoint.__all__
 
 
 def test_bad_input_is_named_and_leaves_no_file(tmp_path, capsys):

@@ -1,10 +1,13 @@
-"""Evaluation: the verification protocol of pfclib.eval's docstring, ROC / TAR@FAR, rank-1, embeddings, CLI."""
+"""Evaluation: the verification protocol of pfclib.eval's docstring, ROC / TAR@FAR, rank-1, embeddings, CLI.
+
+pfclib.eval takes its folds, ROC and AUC from scikit-learn; the references here are written out
+independently (explicit fold boundaries, a brute-force ROC over every threshold, the pairwise
+Mann-Whitney AUC, hand-computed cases), so they check the results rather than sklearn against itself.
+"""
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
-from sklearn.model_selection import KFold
 from torch import nn
 
 from pfclib import eval as pfe
@@ -26,13 +29,21 @@ def _pairs_with_signal(num_pairs, dim, noise, seed):
     return a, b, issame
 
 
+def _reference_folds(n, k):
+    """Contiguous folds written out: the first n % k folds hold n // k + 1 items, the others n // k."""
+    sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
+    bounds = np.cumsum([0, *sizes])
+    return [np.arange(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
 def _reference_protocol(emb_a, emb_b, issame, nfolds):
-    """The protocol written the slow, obvious way: sklearn KFold, explicit loops over thresholds."""
+    """The protocol written the slow, obvious way: explicit folds, explicit loops over thresholds."""
     a, b = _unit(np.asarray(emb_a, np.float64)), _unit(np.asarray(emb_b, np.float64))
     dist = np.sum((a - b) ** 2, axis=1)
     thresholds = np.arange(0, 4, 0.01)
     accs, best = [], []
-    for train, test in KFold(n_splits=nfolds, shuffle=False).split(dist):
+    for test in _reference_folds(dist.size, nfolds):
+        train = np.setdiff1d(np.arange(dist.size), test)
         train_acc = [np.mean((dist[train] < t) == issame[train]) for t in thresholds]
         t = thresholds[int(np.argmax(train_acc))]
         accs.append(np.mean((dist[test] < t) == issame[test]))
@@ -62,10 +73,18 @@ class _Linear(nn.Module):
 @pytest.mark.parametrize(("n", "k"), [(6000, 10), (7, 3), (20, 10), (23, 10), (10, 10), (101, 2)])
 def test_folds_are_contiguous_kfold_without_shuffling(n, k):
     ours = pfe.fold_indices(n, k)
-    ref = [test for _, test in KFold(n_splits=k, shuffle=False).split(np.zeros(n))]
+    ref = _reference_folds(n, k)
     assert len(ours) == len(ref) == k
     for o, r in zip(ours, ref):
         np.testing.assert_array_equal(o, r)
+    np.testing.assert_array_equal(np.concatenate(ours), np.arange(n))  # every item once, in order
+
+
+def test_fold_indices_hand_listed_cases():
+    assert [f.tolist() for f in pfe.fold_indices(7, 3)] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [f.tolist() for f in pfe.fold_indices(4, 4)] == [[0], [1], [2], [3]]
+    assert [len(f) for f in pfe.fold_indices(23, 10)] == [3, 3, 3, 2, 2, 2, 2, 2, 2, 2]
+    assert [len(f) for f in pfe.fold_indices(6000, 10)] == [600] * 10
 
 
 def test_fold_indices_rejects_bad_arguments():
@@ -73,6 +92,10 @@ def test_fold_indices_rejects_bad_arguments():
         pfe.fold_indices(10, 1)
     with pytest.raises(ValueError, match="cannot split 5 pairs into nfolds=10"):
         pfe.fold_indices(5, 10)
+    with pytest.raises(ValueError, match="nfolds must be an int >= 2, got True"):
+        pfe.fold_indices(10, True)
+    with pytest.raises(ValueError, match=r"nfolds must be an int >= 2, got 2\.0"):
+        pfe.fold_indices(10, 2.0)
 
 
 def test_thresholds_are_0_to_4_by_001():
@@ -162,16 +185,33 @@ def _scores_with_ties(n, seed):
     return scores, same
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_roc_equals_sklearn_roc_curve(seed):
-    scores, same = _scores_with_ties(500, seed)
+def _brute_roc(scores, same):
+    """Every operating point by counting: +inf, then each distinct score, highest first."""
+    thresholds = np.r_[np.inf, np.unique(scores)[::-1]]
+    fpr = np.array([np.mean(scores[~same] >= t) for t in thresholds])
+    tpr = np.array([np.mean(scores[same] >= t) for t in thresholds])
+    return fpr, tpr, thresholds
+
+
+def _brute_auc(scores, same):
+    """P(genuine score > impostor score) + P(equal) / 2, over all genuine x impostor pairs."""
+    diff = scores[same][:, None] - scores[~same][None, :]
+    return float(np.mean((diff > 0) + 0.5 * (diff == 0)))
+
+
+@pytest.mark.parametrize(("seed", "n"), [(0, 500), (1, 500), (2, 500), (3, 37)])
+def test_roc_matches_a_brute_force_roc_over_every_threshold(seed, n):
+    scores, same = _scores_with_ties(n, seed)
+    assert 0 < same.sum() < n and np.unique(scores).size < n  # both classes, and ties
     fpr, tpr, thr = pfe.roc(scores, same)
-    ref_fpr, ref_tpr, ref_thr = roc_curve(same, scores, drop_intermediate=False)
+    ref_fpr, ref_tpr, ref_thr = _brute_roc(scores, same)
+    np.testing.assert_array_equal(thr, ref_thr)
     np.testing.assert_allclose(fpr, ref_fpr, rtol=0, atol=1e-15)
     np.testing.assert_allclose(tpr, ref_tpr, rtol=0, atol=1e-15)
-    np.testing.assert_array_equal(thr[1:], ref_thr[1:])
-    assert thr[0] == np.inf
-    assert pfe.roc_auc(scores, same) == pytest.approx(roc_auc_score(same, scores), abs=1e-14)
+    assert fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0
+    assert pfe.roc_auc(scores, same) == pytest.approx(_brute_auc(scores, same), abs=1e-12)
+    # labels as 0/1 ints or a tensor give the same curve
+    np.testing.assert_array_equal(pfe.roc(torch.from_numpy(scores), same.astype(int))[1], tpr)
 
 
 def test_roc_hand_computed_case():
@@ -188,6 +228,19 @@ def test_roc_hand_computed_case():
 def test_roc_needs_both_classes():
     with pytest.raises(ValueError, match="got 3 genuine and 0 impostor"):
         pfe.roc(np.array([0.1, 0.2, 0.3]), np.ones(3, bool))
+    with pytest.raises(ValueError, match="got 0 genuine and 2 impostor"):
+        pfe.roc_auc(np.array([0.1, 0.2]), np.zeros(2, bool))
+
+
+def test_roc_refuses_nan_inf_and_mismatched_shapes():
+    same = np.array([True, False, True])
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError, match="scores contain NaN or inf"):
+            pfe.roc(np.array([0.1, bad, 0.3]), same)
+        with pytest.raises(ValueError, match="scores contain NaN or inf"):
+            pfe.tar_at_far(np.array([0.1, bad, 0.3]), same)
+    with pytest.raises(ValueError, match=r"1-D of equal length, got \(2,\) and \(3,\)"):
+        pfe.roc(np.array([0.1, 0.2]), same)
 
 
 def _brute_tar(scores, same, far):
@@ -237,7 +290,7 @@ def test_evaluate_pairs_reports_unsupported_far_levels():
     assert res["tar_at_far"]["1e-2"] is not None and res["tar_at_far"]["1e-3"] is None
     assert "1e-3" in res["tar_at_far_note"] and "1e-2" not in res["tar_at_far_note"]
     assert str(n_imp) in res["tar_at_far_note"]
-    assert res["auc"] == pytest.approx(roc_auc_score(issame, np.sum(_unit(a) * _unit(b), 1)), abs=1e-14)
+    assert res["auc"] == pytest.approx(_brute_auc(np.sum(_unit(a) * _unit(b), 1), issame), abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- rank-1
@@ -494,6 +547,119 @@ def test_cli_scores_a_checkpoint_on_synthetic_pairs(tmp_path):
 
 def _split_pairs(emb):
     return emb[0::2], emb[1::2]
+
+
+def _run_folder(tmp_path):
+    """A run folder whose newest checkpoint (step 12) is the backbone `_checkpoint_and_bin` scored,
+    and an older one (step 3) of a different backbone; returns (run, newest file, reference metrics)."""
+    import shutil
+
+    from pfclib import models
+    from pfclib.checkpoint import checkpoint_path
+
+    ref = _checkpoint_and_bin(tmp_path)
+    run = tmp_path / "run"
+    older = models.create("iresnet_tiny", embedding_size=16, image_size=32, seed=5).eval()
+    _save_checkpoint(checkpoint_path(run, 3), older, "iresnet_tiny")
+    newest = checkpoint_path(run, 12)
+    shutil.copy(tmp_path / "ckpt.pt", newest)
+    return run, newest, ref
+
+
+def test_cli_takes_a_run_folder_as_its_newest_checkpoint_and_explains_empty_cells(tmp_path, capsys):
+    import json
+
+    run, newest, ref = _run_folder(tmp_path)
+    data = str(tmp_path / "toy.bin")
+    for given in (run, run / "checkpoints"):
+        out_file = tmp_path / "out" / f"{given.name}.json"
+        assert (
+            pfe.main(["--checkpoint", str(given), "--data", data, "--nfolds", "5", "--out", str(out_file)])
+            == 0
+        )
+        out = json.loads(out_file.read_text())
+        assert out["checkpoint"] == str(newest)  # the file read, not the folder given
+        got = out["sets"]["toy"]
+        assert got["fold_accuracies"] == pytest.approx(ref["fold_accuracies"], abs=1e-12)
+        assert got["auc"] == pytest.approx(ref["auc"], abs=1e-12)
+    printed = capsys.readouterr().out
+    assert str(newest) in printed
+    header = printed.splitlines()[1]
+    assert "acc (%)" in header and "std (%)" in header and "thr (sq. L2)" in header
+    assert "squared L2 distance of the unit embeddings, in [0, 4]" in printed
+    # 20 impostor pairs: TAR@FAR <= 1e-2 cannot be measured; the table says why under it
+    assert ref["num_impostor"] == 20 and ref["tar_at_far"]["1e-1"] is not None
+    assert ref["tar_at_far"]["1e-2"] is None
+    note = "'-' for toy: FAR levels ['1e-2', '1e-3', '1e-4', '1e-5', '1e-6'] need at least 1/FAR impostor pairs; this set has 20"
+    assert note in printed.splitlines()
+    assert ref["tar_at_far_note"] in note
+
+    direct = pfe.evaluate_checkpoint(run, [data], nfolds=5, device="cpu")
+    assert direct["checkpoint"] == str(newest)
+    assert direct["sets"]["toy"]["acc"] == pytest.approx(ref["acc"], abs=1e-12)
+
+
+def test_cli_names_a_missing_checkpoint_a_run_folder_without_one_and_bad_arguments(tmp_path, capsys):
+    run, _, _ = _run_folder(tmp_path)
+    data = str(tmp_path / "toy.bin")
+    (tmp_path / "empty_run").mkdir()
+    cases = [
+        (["--checkpoint", str(tmp_path / "nope.pt"), "--data", data], [str(tmp_path / "nope.pt"), "does not exist"]),
+        (["--checkpoint", str(tmp_path / "empty_run"), "--data", data],
+         [str(tmp_path / "empty_run"), "folder without checkpoints", "checkpoints/ckpt_<step>.pt"]),
+        (["--checkpoint", str(run), "--data", data, str(tmp_path / "no.bin")], [str(tmp_path / "no.bin"), "does not exist"]),
+        (["--checkpoint", str(run), "--data", data, "--batch-size", "0"], ["--batch-size must be a positive number of images"]),
+        (["--checkpoint", str(run), "--data", data, "--nfolds", "1"], ["--nfolds must be at least 2, got 1"]),
+        (["--checkpoint", str(run), "--data", data, "--out", str(tmp_path)], ["is a folder"]),
+    ]  # fmt: skip
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exc:
+            pfe.main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        for text in expected:
+            assert text in err, (argv, err)
+    with pytest.raises(FileNotFoundError, match="folder without checkpoints"):
+        pfe.evaluate_checkpoint(tmp_path / "empty_run", [data])
+    with pytest.raises(FileNotFoundError, match="nope.pt.* does not exist"):
+        pfe.evaluate_checkpoint(tmp_path / "nope.pt", [data])
+
+
+def test_cli_writes_only_where_out_says(tmp_path, monkeypatch, capsys):
+    run, _, _ = _run_folder(tmp_path / "in")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    def files():
+        return {p for p in tmp_path.rglob("*") if p.is_file()}
+
+    before = files()
+    argv = ["--checkpoint", str(run), "--data", str(tmp_path / "in" / "toy.bin"), "--nfolds", "5"]
+    assert pfe.main(argv) == 0  # no --out: no file anywhere, the cwd included
+    assert files() == before
+    assert pfe.main([*argv, "--out", "res/lfw.json"]) == 0  # relative to the cwd
+    assert files() - before == {cwd / "res" / "lfw.json"}
+    assert "wrote res/lfw.json" in capsys.readouterr().out
+
+
+def test_cli_help_says_what_each_option_is(capsys):
+    with pytest.raises(SystemExit) as exc:
+        pfe.main(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in [
+        "--checkpoint RUN_OR_CKPT a pfclib training checkpoint (.pt file), or a run folder: its newest",
+        "--data PATH [PATH ...] verification set(s)",
+        "--batch-size N images per forward pass (default 256)",
+        "--no-flip do not add the embedding of the horizontally mirrored image (default: add it)",
+        "--nfolds K contiguous folds",
+        "(default 10)",
+        "--device DEVICE torch device of the backbone (default: cuda if available, else cpu)",
+        "--out JSON write the metrics as JSON to this file",
+        "default: write no file",
+    ]:
+        assert phrase in text, phrase
 
 
 @pytest.mark.slow

@@ -44,6 +44,12 @@ def test_every_backbone_exports_with_a_dynamic_batch_and_matches_torch(name, tmp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file left"
 
 
+def test_the_callers_model_is_left_as_it_was(tmp_path):
+    model = models.create("iresnet_tiny", embedding_size=8, image_size=16, seed=0).double().train()
+    export_onnx(model, tmp_path / "m.onnx", 16)
+    assert model.training and next(model.parameters()).dtype == torch.float64
+
+
 def test_the_check_fails_for_a_different_model(tmp_path):
     model = calibrated("iresnet_tiny", 32)
     export_onnx(model, tmp_path / "m.onnx", 32)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import yaml
 
-from pfclib.paths import repo_root
 from pfcrepro import gpu_profile
+from pfcrepro.paths import repo_root
 
 
 def test_merge_is_recursive_for_mappings_and_replaces_the_rest():

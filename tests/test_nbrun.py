@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from pfclib.paths import repo_root
 from pfcrepro.nbrun import stage_parameters
+from pfcrepro.paths import repo_root
 
 
 def write(tmp_path, obj):
@@ -65,3 +65,24 @@ def test_executed_notebook_keeps_its_figures_under_a_headless_backend(tmp_path, 
     outputs = json.loads(executed.read_text())["cells"][-1]["outputs"]
     assert any("image/png" in o.get("data", {}) for o in outputs), outputs
     assert __import__("os").environ["MPLBACKEND"] == "Agg"  # the caller's environment is restored
+
+
+def test_the_notebook_kernel_is_used_and_a_missing_one_is_explained(tmp_path):
+    import json
+
+    from pfcrepro.nbrun import notebook_kernel
+
+    source = json.loads((repo_root() / "notebooks" / "00_synthetic_data.ipynb").read_text())
+    assert notebook_kernel(repo_root() / "notebooks" / "00_synthetic_data.ipynb") == "pfclib"
+    source["metadata"]["kernelspec"] = {
+        "name": "no-such-kernel-xyz",
+        "display_name": "x",
+        "language": "python",
+    }
+    (tmp_path / "a.ipynb").write_text(json.dumps(source))
+    with pytest.raises(RuntimeError, match=r"'no-such-kernel-xyz'.*ipykernel install --sys-prefix"):
+        notebook_kernel(tmp_path / "a.ipynb")
+    del source["metadata"]["kernelspec"]
+    (tmp_path / "b.ipynb").write_text(json.dumps(source))
+    with pytest.raises(ValueError, match="names no kernel"):
+        notebook_kernel(tmp_path / "b.ipynb")

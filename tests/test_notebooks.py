@@ -103,6 +103,28 @@ def test_notebook_is_a_dvc_stage_reading_params_yaml(path):
         )
 
 
+def test_notebooks_name_the_pfclib_kernel_that_make_registers():
+    """Every notebook runs in the kernel ``pfclib``, which the Makefile's install step registers inside
+    .venv (``--sys-prefix``): papermill and nbval start the kernel the metadata names, so on a fresh
+    clone they, and JupyterLab, use the venv's Python, not whatever ``python3`` kernel is around."""
+    specs = {p.name: json.loads(p.read_text()).get("metadata", {}).get("kernelspec") or {} for p in NOTEBOOKS}
+    wrong = {name: spec for name, spec in specs.items() if spec.get("name") != "pfclib"}
+    assert not wrong, f"notebooks whose kernelspec is not 'pfclib': {wrong}"
+    recipe = re.search(r"^\$\(STAMP\):.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert recipe, "the Makefile has no $(STAMP) (install) recipe"
+    installs = [line for line in recipe.group(1).splitlines() if "-m ipykernel install" in line]
+    assert len(installs) == 1, "the Makefile's install recipe must register the kernel with ipykernel install"
+    line = installs[0]
+    assert (
+        "$(BIN)/python" in line and "--sys-prefix" in line and re.search(r"--name[ =]pfclib(\s|$)", line)
+    ), f"the kernel must be registered from the venv's python, inside the venv, as 'pfclib': {line.strip()}"
+    shown = re.search(r'--display-name[ =]"([^"]+)"', line)
+    displays = {spec.get("display_name") for spec in specs.values()}
+    assert shown and displays == {shown.group(1)}, (
+        f"notebooks show {displays}, the Makefile registers {shown.group(1) if shown else None!r}"
+    )
+
+
 # ------------------------------------------------------------------------------ imports and DVC deps
 PACKAGES = ("pfclib", "pfcrepro")
 

@@ -171,10 +171,11 @@ def test_single_process_run_learns_and_writes_logs(tiny_data, tmp_path):
     assert float(rows[-1]["loss"]) == pytest.approx(losses[-1], rel=1e-5)
     acc_col = [c for c in rows[0] if c.endswith("/acc")]
     assert len(acc_col) == 1 and rows[2][acc_col[0]] and not rows[1][acc_col[0]]  # evaluated at 15, 30
-    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [
+    assert [p.name for p in sorted((out / "checkpoints").glob("*.pt"))] == [
         "ckpt_00000020.pt",
         "ckpt_00000030.pt",
     ]
+    assert len(list((out / "checkpoints").glob("*.head-*"))) == 2  # their sharded heads
     assert metrics["checkpoint"] == str(out / "checkpoints" / "ckpt_00000030.pt")
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 

@@ -154,7 +154,13 @@ class HFImageDataset(ImageDataset):
             row = self._arrow[index : index + 1][self.image_column]
             image = arrow_uint8_rows(row, self._array_shape)[0]
             return to_chw_uint8(image, where=f"row {index}"), label
-        image = self._plain[index][self.image_column]
+        try:
+            image = self._plain[index][self.image_column]
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+            raise DataFormatError(
+                f"row {index} of column {self.image_column!r}: cannot decode the image "
+                f"({type(exc).__name__}: {exc}); expected a file Pillow can read (JPEG, PNG, ...)"
+            ) from exc
         return to_chw_uint8(image, where=f"row {index}"), label
 
 
@@ -196,16 +202,10 @@ def load_hf(
 
 
 def default_cache_dir() -> Path | None:
-    """Where ``imagefolder`` caches go: ``$PFCLIB_HF_CACHE``, else ``<repo>/scratch/hf_cache``, else the HF default."""
+    """Where ``imagefolder`` caches go: ``$PFCLIB_HF_CACHE`` when set, else ``None`` (the Hugging
+    Face default, ``$HF_DATASETS_CACHE`` or ``~/.cache/huggingface/datasets``)."""
     env = os.environ.get("PFCLIB_HF_CACHE")
-    if env:
-        return Path(env)
-    from pfclib.paths import scratch_dir
-
-    try:
-        return scratch_dir("hf_cache")
-    except FileNotFoundError:
-        return None
+    return Path(env) if env else None
 
 
 def load_imagefolder_hf(
@@ -223,12 +223,18 @@ def load_imagefolder_hf(
         raise FileNotFoundError(f"{root}: no such folder; expected root/<identity>/<image files>")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     with offline() as datasets:
-        ds = datasets.load_dataset(
-            "imagefolder",
-            data_dir=str(root),
-            split="train",
-            cache_dir=None if cache is None else str(cache),
-        )
+        try:
+            ds = datasets.load_dataset(
+                "imagefolder",
+                data_dir=str(root),
+                split="train",
+                cache_dir=None if cache is None else str(cache),
+            )
+        except FileNotFoundError as exc:  # datasets' EmptyDatasetError: no image file under root
+            raise FileNotFoundError(
+                f"{root}: datasets' imagefolder found no image files ({exc}); "
+                "expected root/<identity>/<image files>"
+            ) from exc
     if "label" not in ds.column_names:
         raise DataFormatError(
             f"{root}: datasets' imagefolder found no class folders (columns {ds.column_names}); "

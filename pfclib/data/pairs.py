@@ -236,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.out.endswith(".bin"):
         parser.error(f"--out must name a .bin file, got {args.out!r}")
+    if Path(args.out).is_dir():
+        parser.error(f"--out {args.out!r} is a folder; expected the path of a .bin file to write")
     if args.image_size < 1:
         parser.error(f"--image-size must be a positive number of pixels, got {args.image_size}")
     if args.train_folder and Path(args.train_folder).exists():

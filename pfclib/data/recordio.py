@@ -296,10 +296,25 @@ def write_recordio(
     quality: int = 95,
     num_classes: int | None = None,
 ) -> Path:
-    """Pack RGB ``uint8`` images and their labels into ``out_dir/{train.rec, train.idx, property}``."""
+    """Pack RGB ``uint8`` images and their labels into ``out_dir/{train.rec, train.idx, property}``.
+
+    ``images`` and ``labels`` must have the same length; otherwise nothing is written."""
+    missing = object()
     with RecordIOWriter(out_dir, header=header, quality=quality, num_classes=num_classes) as writer:
-        for image, label in zip(images, labels, strict=True):
+        label_iter = iter(labels)
+        count = 0
+        for image in images:
+            label = next(label_iter, missing)
+            if label is missing:
+                raise ValueError(
+                    f"write_recordio: only {count} labels for more than {count} images; expected one label per image"
+                )
             writer.write(image, label)
+            count += 1
+        if next(label_iter, missing) is not missing:
+            raise ValueError(
+                f"write_recordio: more labels than the {count} images; expected one label per image"
+            )
     return as_path(out_dir)
 
 
@@ -472,7 +487,12 @@ class RecordIOReader:
 def _read_property(path: Path) -> tuple[int, int, int] | None:
     if not path.is_file():
         return None
-    text = path.read_text().strip()
+    try:
+        text = path.read_bytes().decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise RecordIOError(
+            f"{path}: binary content; expected one text line 'num_classes,height,width' with three positive integers"
+        ) from None
     fields = text.split(",")
     try:
         if len(fields) != 3:

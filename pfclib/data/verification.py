@@ -211,7 +211,10 @@ def write_bin(
         bins = [bytes(b) for b in images]
     else:
         arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-        bins = [encode_image(to_chw_uint8(a), quality=quality, format=image_format) for a in arr]
+        bins = [
+            encode_image(to_chw_uint8(a, where=f"{path}: image {i}"), quality=quality, format=image_format)
+            for i, a in enumerate(arr)
+        ]
     flags = [bool(s) for s in (issame.tolist() if hasattr(issame, "tolist") else issame)]
     _check_structure((bins, flags), str(path))
     path = as_path(path)

@@ -1,4 +1,5 @@
-"""Repository-relative paths, so notebooks and scripts work from any working directory.
+"""Repository-relative paths for the reproduction harness, so notebooks and scripts work from any
+working directory (the library itself takes paths as given: see pfclib.config.TrainConfig.resolve_paths).
 
 nbval runs a notebook's kernel in the notebook's folder, papermill in the caller's, so every
 path is resolved from the repository root: the nearest parent folder holding ``dvc.yaml``.
