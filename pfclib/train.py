@@ -96,6 +96,11 @@ def _make_accelerator(config: TrainConfig):
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={config.device!r} but CUDA is not available; use 'cpu' or 'auto'")
     use_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    if use_cpu and config.mixed_precision == "fp16":
+        raise ValueError(
+            f"mixed_precision='fp16' needs a CUDA device (fp16 autocast with a gradient scaler), but this run "
+            f"is on the CPU (device={config.device!r}); set mixed_precision to 'bf16' or 'no'"
+        )
     _export_group_env()
     # A notebook may call training_function repeatedly with other settings; accelerate's state is a
     # process-wide singleton that refuses changes, so start from a clean one (the group survives).

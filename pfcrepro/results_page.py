@@ -22,6 +22,7 @@ from pfcrepro.report import VERDICTS
 ROOT = Path.cwd()
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 BENCH_START, BENCH_END = "<!-- benchmark-table:start -->", "<!-- benchmark-table:end -->"
+CKPT_START, CKPT_END = "<!-- checkpoint-memory:start -->", "<!-- checkpoint-memory:end -->"
 
 
 def collect(results_dir: Path) -> list[dict]:
@@ -132,6 +133,34 @@ def render_benchmark(bench: dict | None) -> str:
     return "\n".join(lines)
 
 
+def render_checkpoint_memory(data: dict | None) -> str:
+    """benchmarks/checkpoint_memory.py's JSON as a markdown table: one row per layout, C and ranks
+    (the largest extra over the ranks)."""
+    if not data:
+        return "_Not measured yet: run `python benchmarks/checkpoint_memory.py`._"
+    mib, gib = 2**20, 2**30
+    lines = [
+        "| layout | C | ranks | state per rank | extra at save | extra at load | save / load |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for rec in data["records"]:
+        ranks = rec["ranks"]
+        lines.append(
+            f"| {rec['layout']} | {rec['num_classes']:,} | {rec['world']} "
+            f"| {max(r['shard_state_bytes'] for r in ranks) / gib:.1f} GiB "
+            f"| +{max(r['save_extra_anon'] for r in ranks) / mib:,.1f} MiB "
+            f"| +{max(r['load_extra_anon'] for r in ranks) / mib:,.1f} MiB "
+            f"| {max(r['save_s'] for r in ranks):.1f} s / {max(r['load_s'] for r in ranks):.1f} s |"
+        )
+    first = data["records"][0] if data["records"] else {}
+    lines.append("")
+    lines.append(
+        f"D = {first.get('dim')}, the default SGD state (centers and momentum), torch "
+        f"{data.get('meta', {}).get('torch')}, {data.get('meta', {}).get('cpus')} CPUs; the worst rank of each row."
+    )
+    return "\n".join(lines)
+
+
 def splice(readme: str, table: str, start: str = START, end: str = END) -> str:
     if start not in readme or end not in readme:
         raise ValueError(f"README lacks the markers {start} ... {end}")
@@ -146,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", default=str(ROOT / "README.md"))
     parser.add_argument("--out", default=str(ROOT / "results" / "RESULTS.md"))
     parser.add_argument("--benchmark", default=str(ROOT / "results/benchmarks/head.json"))
+    parser.add_argument(
+        "--checkpoint-memory", default=str(ROOT / "results/benchmarks/checkpoint_memory.json")
+    )
     args = parser.parse_args(argv)
     table = render(collect(Path(args.results)))
     bench_path = Path(args.benchmark)
@@ -163,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     tmp.replace(out)
     readme = Path(args.readme)
+    ckpt_path = Path(args.checkpoint_memory)
+    ckpt = render_checkpoint_memory(json.loads(ckpt_path.read_text()) if ckpt_path.is_file() else None)
     new = splice(splice(readme.read_text(), table), bench, BENCH_START, BENCH_END)
+    new = splice(new, ckpt, CKPT_START, CKPT_END) if CKPT_START in new else new
     if new != readme.read_text():
         tmp = readme.with_suffix(".md.tmp")
         tmp.write_text(new)

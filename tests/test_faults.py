@@ -111,6 +111,15 @@ def _config_yaml(text: str, section: str | None = None):
     return trigger
 
 
+def _train(config: dict):
+    def trigger(tmp):
+        from pfclib.train import training_function
+
+        return training_function({"max_steps": 1, "output_dir": str(tmp / "run"), **config})
+
+    return trigger
+
+
 def _png(path: Path, value: int = 0, size: int = 8) -> None:
     from PIL import Image
 
@@ -364,18 +373,18 @@ def _nbrun_cli(*args: str):
 # Bad inputs by area (test_the_table_counts_every_area keeps these numbers true):
 #   head          PartialFC construction, forward, optimizer, state dicts     16
 #   margins       pfclib.margins.create                                       9
-#   config        TrainConfig from dicts and YAML files                       16
-#   data          build_dataset: folder, recordio, hf, imagefolder_hf         20
+#   config        TrainConfig from dicts and YAML files, the trainer's checks 17
+#   data          build_dataset: folder, recordio, hf, imagefolder_hf         21
 #   checkpoints   load / save / load_backbone / resume                       10
 #   verification  .bin files, write_bin, check_usable                         12
 #   pairs         python -m pfclib.data.pairs                                  5
 #   nbrun         pfcrepro.nbrun: run_notebook and its command line            7
-#   total                                                                     95
+#   total                                                                     97
 AREA_COUNTS = {
     "head": 16,
     "margins": 9,
-    "config": 16,
-    "data": 20,
+    "config": 17,
+    "data": 21,
     "checkpoints": 10,
     "verification": 12,
     "pairs": 5,
@@ -472,6 +481,8 @@ BAD_INPUTS: list[Case] = [
          r"config in '.*config\.yaml' \(section None\) must be a mapping, got list"),
     Case("config-yaml-syntax-error", "config", _config_yaml("max_steps: [3\n"), Exception,
          r"config\.yaml.*line \d+"),
+    Case("config-fp16-on-cpu", "config", _train({"device": "cpu", "mixed_precision": "fp16"}), ValueError,
+         r"mixed_precision='fp16' needs a CUDA device .* set mixed_precision to 'bf16' or 'no'", outputs=("run",)),
     Case("config-margin-name-unchecked", "config", _config({"head": {"margin": {"name": "arcfce"}}}),
          ValueError, r"head.margin: .*unknown margin 'arcfce'"),
     # ---- data readers: build_dataset
@@ -519,6 +530,9 @@ BAD_INPUTS: list[Case] = [
          r"empty: not a saved datasets folder"),
     Case("imagefolder-hf-empty", "data", _dataset("imagefolder_hf", "empty", lambda p: p.mkdir()),
          FileNotFoundError, r"empty: datasets' imagefolder found no image files .*expected root/<identity>/<image"),
+    Case("imagefolder-hf-empty-identity", "data",
+         _dataset("imagefolder_hf", "faces", lambda p: (_faces(p, 2), (p / "id99").mkdir())),
+         FileNotFoundError, r"1 identity folder\(s\) hold no image .*: id99; .*ids shifted"),
     Case("imagefolder-hf-no-class-folders", "data", _dataset("imagefolder_hf", "flat", _flat_image_folder),
          ValueError, r"flat: datasets' imagefolder found no class folders \(columns \['image'\]\); expected one"),
     Case("imagefolder-hf-undecodable-image", "data",

@@ -96,3 +96,23 @@ def test_verdicts_are_checked_and_extrapolated_is_explained(tmp_path):
         "| **extrapolated** |" in table
         and "**extrapolated**: the claim is about a scale not run here" in table
     )
+
+
+def test_checkpoint_memory_table_comes_from_the_benchmark_json(tmp_path):
+    rank = {"shard_state_bytes": 2 * 2**30, "save_extra_anon": 3 * 2**20, "load_extra_anon": 0,
+            "save_s": 1.25, "load_s": 0.5}  # fmt: skip
+    data = {
+        "meta": {"torch": "2.13.0", "cpus": 2},
+        "records": [
+            {"layout": "sharded", "num_classes": 4_000_000, "dim": 512, "world": 2,
+             "ranks": [rank, {**rank, "save_extra_anon": 5 * 2**20, "save_s": 2.0}]},
+        ],
+    }  # fmt: skip
+    table = results_table.render_checkpoint_memory(data)
+    # the worst rank of the row: 5 MiB at save, the slower save
+    assert "| sharded | 4,000,000 | 2 | 2.0 GiB | +5.0 MiB | +0.0 MiB | 2.0 s / 0.5 s |" in table
+    assert "D = 512" in table and "torch 2.13.0" in table
+    assert "Not measured yet" in results_table.render_checkpoint_memory(None)
+    readme = "a\n<!-- checkpoint-memory:start -->\nold\n<!-- checkpoint-memory:end -->\nb"
+    spliced = results_table.splice(readme, table, results_table.CKPT_START, results_table.CKPT_END)
+    assert "old" not in spliced and table in spliced

@@ -218,9 +218,26 @@ def load_imagefolder_hf(
     Class ids follow ``datasets``' ``ClassLabel`` (identity folder names sorted), the same ids as
     :class:`pfclib.data.folder.ImageFolderDataset`. ``cache_dir`` defaults to :func:`default_cache_dir`.
     """
+    from pfclib.data.folder import IMAGE_EXTENSIONS
+
     root = as_path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder; expected root/<identity>/<image files>")
+    # datasets' imagefolder drops an identity folder without images, which would shift every later
+    # class id away from the `folder` reader's (that refuses such a folder): refuse it here too
+    empty = [
+        p.name
+        for p in sorted(root.iterdir())
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and not any(f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS for f in p.iterdir())
+    ]
+    if empty:
+        shown = ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else "")
+        raise FileNotFoundError(
+            f"{root}: {len(empty)} identity folder(s) hold no image with extension in {list(IMAGE_EXTENSIONS)}: "
+            f"{shown}; remove them, or their classes would be dropped and the other ids shifted"
+        )
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     with offline() as datasets:
         try:
