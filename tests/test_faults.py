@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_train import tiny_data  # noqa: F401 - the module-scoped fixture is used by name
+from test_train import tiny_config, tiny_data  # noqa: F401 - the module-scoped fixture is used by name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -727,21 +727,14 @@ KILL_MOMENTS = {
 
 
 def _train_config(data: Path, out: Path) -> dict:
-    return {
-        "output_dir": str(out),
-        "seed": 0,
-        "device": "cpu",
-        "backbone": "iresnet_tiny",
-        "embedding_size": 32,
-        "image_size": 32,
-        "max_steps": STEPS,
-        "data": {"kind": "synthetic", "path": str(data), "batch_size": 16, "hflip": True},
-        "head": {"sample_rate": 0.5, "margin": {"name": "arcface", "s": 32.0, "m": 0.3}},
-        "optim": {"optimizer": "sgd", "lr": 0.1, "warmup_steps": 3, "grad_clip": 5.0},
-        "eval": {"verification": []},
-        "log": {"every": 1, "csv": True, "tensorboard": False, "progress": "off"},
-        "checkpoint": {"every": EVERY, "keep": 10},  # keep all: the resumed-from file is read below
-    }
+    """test_train's tiny run, without evaluation, a checkpoint every EVERY steps, all kept (the
+    resumed-from file is read below), a log row every step."""
+    return tiny_config(
+        data,
+        out,
+        **{"max_steps": STEPS, "data.batch_size": 16, "eval.verification": [], "log.every": 1,
+           "checkpoint.every": EVERY, "checkpoint.keep": 10},
+    )  # fmt: skip
 
 
 @dataclass
