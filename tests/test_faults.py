@@ -167,6 +167,18 @@ def _broken_recordio(edit: Callable[[Path], Any]):
     return prepare
 
 
+def _flat_recordio(path: Path, num_classes: int) -> None:
+    """Rewrite ``path`` in the flat layout (no header record), then claim ``num_classes`` classes."""
+    import shutil
+
+    from pfclib.data.recordio import write_recordio
+
+    shutil.rmtree(path)
+    images = np.random.default_rng(0).integers(0, 256, (4, 3, 8, 8), dtype=np.uint8)
+    write_recordio(path, images, [0, 0, 1, 1], header=False)
+    (path / "property").write_text(f"{num_classes},8,8\n")
+
+
 def _append_index_line(path: Path) -> None:
     with (path / "train.idx").open("a") as f:
         f.write("99\t999999\n")
@@ -374,17 +386,17 @@ def _nbrun_cli(*args: str):
 #   head          PartialFC construction, forward, optimizer, state dicts     16
 #   margins       pfclib.margins.create                                       9
 #   config        TrainConfig from dicts and YAML files, the trainer's checks 17
-#   data          build_dataset: folder, recordio, hf, imagefolder_hf         21
+#   data          build_dataset: folder, recordio, hf, imagefolder_hf         22
 #   checkpoints   load / save / load_backbone / resume                       10
 #   verification  .bin files, write_bin, check_usable                         12
 #   pairs         python -m pfclib.data.pairs                                  5
 #   nbrun         pfcrepro.nbrun: run_notebook and its command line            7
-#   total                                                                     97
+#   total                                                                     98
 AREA_COUNTS = {
     "head": 16,
     "margins": 9,
     "config": 17,
-    "data": 21,
+    "data": 22,
     "checkpoints": 10,
     "verification": 12,
     "pairs": 5,
@@ -508,9 +520,13 @@ BAD_INPUTS: list[Case] = [
     Case("recordio-property-binary", "data",
          _dataset("recordio", "rec", _broken_recordio(lambda p: (p / "property").write_bytes(b"\x89PNG\xff\x00"))),
          ValueError, r"property: binary content; expected one text line 'num_classes,height,width'"),
-    Case("recordio-label-outside-property", "data",
-         _dataset("recordio", "rec", _broken_recordio(lambda p: (p / "property").write_text("1,8,8\n")), read="labels"),
-         ValueError, r"record key \d+ has label 1, outside \[0, 1\) from property"),
+    Case("recordio-property-fewer-classes-than-identities", "data",
+         _dataset("recordio", "rec", _broken_recordio(lambda p: (p / "property").write_text("1,8,8\n"))),
+         ValueError, r"property: num_classes=1, but header record 0 of .*train.rec lists 2 identity records "
+         r"\(one per class\); expected num_classes >= 2"),
+    Case("recordio-flat-label-outside-property", "data",
+         _dataset("recordio", "rec", _broken_recordio(lambda p: _flat_recordio(p, num_classes=1))),
+         ValueError, r"record key 2 has label 1, outside \[0, 1\) from property"),
     Case("recordio-index-past-the-end", "data", _dataset("recordio", "rec", _broken_recordio(_append_index_line)),
          ValueError, r"train\.idx: line \d+: key 99 at byte offset 999999, but the \.rec file has only \d+ bytes"),
     Case("recordio-bad-magic", "data", _dataset("recordio", "rec", _broken_recordio(_zero_magic)),

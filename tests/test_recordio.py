@@ -163,14 +163,14 @@ def test_corrupt_magic(good):
     data = bytearray((good / "train.rec").read_bytes())
     offset = int((good / "train.idx").read_text().splitlines()[3].split("\t")[1])
     data[offset] ^= 0xFF
+    ds = RecordIODataset(good)  # opened while intact; the record breaks afterwards (read lazily)
     (good / "train.rec").write_bytes(bytes(data))
-    ds = RecordIODataset(good)
     ds.read_uint8(2)
-    with pytest.raises(
-        RecordIOError,
-        match=rf"train.rec: record key 3 at byte offset {offset}: magic 0x.*expected 0xced7230a",
-    ):
+    message = rf"train.rec: record key 3 at byte offset {offset}: magic 0x.*expected 0xced7230a"
+    with pytest.raises(RecordIOError, match=message):
         ds.read_uint8(3)
+    with pytest.raises(RecordIOError, match=message):  # the flat layout reads every label at open
+        RecordIODataset(good)
 
 
 def test_length_past_end_of_file(good):
@@ -178,7 +178,7 @@ def test_length_past_end_of_file(good):
     last = int((good / "train.idx").read_text().splitlines()[-1].split("\t")[1])
     (good / "train.rec").write_bytes(data[: last + 20])
     with pytest.raises(RecordIOError, match=r"record key 6 at byte offset \d+: length \d+ runs past the end"):
-        RecordIODataset(good).read_uint8(6)
+        RecordIODataset(good)  # the flat layout reads every record's header (its label) at open
     (good / "train.rec").write_bytes(data[: last + 4])
     with pytest.raises(
         RecordIOError, match=r"train.idx: line 7: key 6 at byte offset \d+, but the .rec file has only"
@@ -211,7 +211,7 @@ def test_missing_files_and_bad_property(good):
     (good / "property").write_text("2,12,12\n")
     key = int(np.argmax(images_and_labels()[1] >= 2))  # flat layout: key = position
     with pytest.raises(RecordIOError, match=rf"record key {key} has label 2, outside \[0, 2\) from property"):
-        _ = RecordIODataset(good).labels
+        RecordIODataset(good)  # refused when opened, not when the record is first read in a run
     (good / "train.idx").unlink()
     with pytest.raises(FileNotFoundError, match=r"train.idx: missing"):
         RecordIODataset(good)
@@ -223,15 +223,16 @@ def test_undecodable_image_and_short_payload(tmp_path):
     payloads = [pack_payload(0, b"not a jpeg at all"), b"short"]
     rec = b"".join(reference_record(p) for p in payloads)
     (tmp_path / "train.rec").write_bytes(rec)
-    (tmp_path / "train.idx").write_text(f"0\t0\n1\t{len(reference_record(payloads[0]))}\n")
+    (tmp_path / "train.idx").write_text("0\t0\n")  # the image record alone: opens, fails when decoded
     (tmp_path / "property").write_text("1,112,112\n")
     ds = RecordIODataset(tmp_path)
     with pytest.raises(DataFormatError, match=r"train.rec: record key 0: cannot decode 17 bytes as an image"):
         ds.read_uint8(0)
+    (tmp_path / "train.idx").write_text(f"0\t0\n1\t{len(reference_record(payloads[0]))}\n")
     with pytest.raises(
         RecordIOError, match=r"record key 1: payload has 5 bytes, expected at least the 24-byte header"
     ):
-        ds.read_uint8(1)
+        RecordIODataset(tmp_path)  # the flat layout reads every record's header (its label) at open
 
 
 def test_header_pointing_at_missing_keys(tmp_path):
@@ -247,3 +248,18 @@ def test_failed_writer_leaves_no_files(tmp_path):
         w.write(np.zeros((3, 8, 8), np.uint8), 0)
         raise RuntimeError("boom")
     assert list((tmp_path / "w").iterdir()) == []
+
+
+def test_header_layout_property_with_fewer_classes_than_identity_records_is_refused_at_open(tmp_path):
+    images, labels = images_and_labels()
+    folder = write_png_recordio(tmp_path / "rec", images, labels, header=True)
+    assert RecordIODataset(folder).num_classes == 4
+    (folder / "property").write_text("3,12,12\n")
+    with pytest.raises(
+        RecordIOError,
+        match=r"property: num_classes=3, but header record 0 of .*train.rec lists 4 identity records "
+        r"\(one per class\); expected num_classes >= 4",
+    ):
+        RecordIODataset(folder)
+    (folder / "property").write_text("5,12,12\n")  # more classes than labels is allowed (empty classes)
+    assert RecordIODataset(folder).num_classes == 5

@@ -516,8 +516,10 @@ class RecordIODataset(ImageDataset):
         image_size: resize every image to this square size; default the stored size.
 
     The layout (header or flat, see the module docstring) is detected from record 0: it is the
-    header when its ``flag > 0`` and it holds no image. ``num_classes`` comes from ``property``;
-    without that file it is ``max(label) + 1`` over all records (one header read per record).
+    header when its ``flag > 0`` and it holds no image. ``num_classes`` comes from ``property``
+    and is checked against the labels when the set is opened (see
+    :meth:`_check_property_covers_labels`); without that file it is ``max(label) + 1`` over all
+    records (one header read per record).
     """
 
     def __init__(self, path: str | os.PathLike, image_size: int | None = None) -> None:
@@ -527,6 +529,7 @@ class RecordIODataset(ImageDataset):
         self.reader = RecordIOReader(rec, idx)
         self.layout = "flat"
         keys = self.reader.keys
+        identities = 0  # identity records listed by the header record (header layout)
         if 0 in self.reader.offsets:
             header, has_image = self.reader.read_header(0)
             if header.flag > 0 and not has_image:
@@ -542,6 +545,8 @@ class RecordIODataset(ImageDataset):
                         "expected an integer >= 1"
                     )
                 keys = list(range(1, first))
+                end = int(header.labels[1])
+                identities = max(end - first, 0) if end == header.labels[1] else 0
                 missing = [k for k in keys if k not in self.reader.offsets]
                 if missing:
                     raise RecordIOError(
@@ -553,9 +558,27 @@ class RecordIODataset(ImageDataset):
         self.property = prop_values
         if prop_values is not None:
             self.num_classes = prop_values[0]
+            self._check_property_covers_labels(prop, identities)
         else:
             labels = self.labels
             self.num_classes = int(labels.max()) + 1 if len(labels) else 0
+
+    def _check_property_covers_labels(self, prop: Path, identities: int) -> None:
+        """Refuse, when the data set is opened, a ``property`` whose ``num_classes`` is smaller than
+        the classes the records hold (otherwise the first image of a missing class would stop a
+        training run in the middle).
+
+        With the insightface header layout, record 0 lists one identity record per class, so the
+        check is the count of identity records (``O(1)``). Otherwise every record's header is read
+        once (24 bytes per record) and each label is compared with ``num_classes``."""
+        if identities > 0:
+            if identities > self.num_classes:
+                raise RecordIOError(
+                    f"{prop}: num_classes={self.num_classes}, but header record 0 of {self.reader.rec_path} "
+                    f"lists {identities} identity records (one per class); expected num_classes >= {identities}"
+                )
+            return
+        _ = self.labels  # reads every label; the first one >= num_classes raises, naming its record
 
     @property
     def labels(self) -> np.ndarray:
