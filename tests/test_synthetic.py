@@ -229,3 +229,316 @@ def test_cli_reads_yaml_section(tmp_path):
         synthetic.main(
             ["--params", str(params), "--section", "data.tiny", "--out", str(out), "--set", "bogus=1"]
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Recorded per-image degradations (blur, noise level, pose, occlusion)
+
+
+def _sha(array: np.ndarray) -> str:
+    import hashlib
+
+    a = np.ascontiguousarray(array)
+    return hashlib.sha256(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes()).hexdigest()[:16]
+
+
+def _columns(out, split: str) -> dict[str, np.ndarray]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(out / split))
+    table = ds.with_format("numpy")[:]
+    return {name: np.asarray(table[name]) for name in ds.column_names}
+
+
+# sha256 (first 16 hex digits) of every column, computed with the generator as it was before the
+# degradation options existed (numpy 2.4, x86-64), for PINNED_CFG below. Integer and boolean columns
+# are platform independent; the images come from float32 numpy maths (exp, tanh, cos), whose last
+# bits may differ with another numpy build or CPU: if only the image hashes fail on a new platform,
+# check there with the code of before the change before suspecting the generator.
+PINNED_CFG = dict(
+    SMALL, flip_fraction=0.2, conflict_fraction=0.25, conflict_splits=2, seed=3, occlusion_prob=0.3
+)
+PINNED_DTYPES = {
+    "image": np.uint8,
+    "label": np.int64,
+    "identity": np.int64,
+    "flipped": bool,
+    "conflict": bool,
+}
+PINNED = {
+    "train/image": "a161d324d5311cb6",
+    "train/label": "d1ecbcd35efba199",
+    "train/identity": "5b22bf0a96624406",
+    "train/flipped": "f437fedd659f2567",
+    "train/conflict": "61bee39ca805f5bd",
+    "train/occluded": "5e50da4981a37b29",
+    "heldout/image": "e3bc5d3228ecf735",
+    "heldout/identity": "32bfcd1be3f16200",
+    "pairs/image_a": "067c6a3f1971fe4a",
+    "pairs/image_b": "c520b9097794caab",
+    "pairs/issame": "b3f0cef309055bc3",
+    "pairs/identity_a": "27c42439c98c395c",
+    "pairs/identity_b": "816f2629961a5dce",
+    "pairs/index_a": "a8baed4792d938e1",
+    "pairs/index_b": "895b1ac901f368fc",
+}
+# render_images at image_size=256 (two chunks of 16 images), 20 images, SeedSequence(7).
+PINNED_RENDER = ("742203038720a3aa", "63b5b21c36e910af")
+
+
+def _pinned_dtype(name: str):
+    base = name.removesuffix("_a").removesuffix("_b")
+    if base in PINNED_DTYPES:
+        return PINNED_DTYPES[base]
+    return np.int64 if base.startswith("index") else bool
+
+
+@pytest.mark.parametrize(
+    "off",
+    [
+        {},  # the defaults
+        # degradation options at other values but switched off, and a noise range of zero width
+        {"blur_max": 3.0, "pose_extreme_deg": 90.0, "noise_std_max": 0.03},
+    ],
+    ids=["defaults", "options-off"],
+)
+def test_defaults_reproduce_the_bytes_of_before(tmp_path, off):
+    cfg = SyntheticConfig(**PINNED_CFG, **off)
+    out = synthetic.generate(cfg, tmp_path / "pinned")
+    got = {}
+    for split in ("train", "heldout", "pairs"):
+        cols = _columns(out, split)
+        for key in PINNED:
+            s, name = key.split("/")
+            if s == split:
+                got[key] = _sha(cols[name].astype(_pinned_dtype(name)))
+    assert got == PINNED
+    meta = synthetic.load_meta(out)
+    assert meta["num_occluded"] == 18 and meta["num_flipped"] == 12 and meta["num_classes"] == 15
+    assert meta["num_blurred"] == 0 and meta["num_pose_extreme"] == 0
+    # The new truth columns hold the off values.
+    train = _columns(out, "train")
+    assert (train["blur_sigma"] == 0).all() and (train["noise_std"] == np.float32(0.03)).all()
+    big = SyntheticConfig(image_size=256, **off)
+    renderer = synthetic.SyntheticRenderer(big.code_dim, 0)
+    codes = np.random.default_rng(0).standard_normal((20, big.code_dim)).astype(np.float32)
+    imgs, occ = synthetic.render_images(renderer, codes, big, np.random.SeedSequence(7))
+    assert (_sha(imgs), _sha(occ)) == PINNED_RENDER
+
+
+DEGRADED = dict(
+    SMALL,
+    image_size=24,
+    blur_prob=0.5,
+    blur_max=2.0,
+    noise_std=0.01,
+    noise_std_max=0.08,
+    pose_extreme_prob=0.3,
+    pose_extreme_deg=70.0,
+    occlusion_prob=0.3,
+    seed=5,
+)
+
+
+@pytest.fixture(scope="module")
+def degraded_dataset(tmp_path_factory):
+    cfg = SyntheticConfig(**DEGRADED)
+    return cfg, synthetic.generate(cfg, tmp_path_factory.mktemp("deg") / "degraded")
+
+
+def test_degradation_truth_is_stored_per_image(degraded_dataset):
+    cfg, out = degraded_dataset
+    f32 = np.float32
+    train, held, pairs = (_columns(out, s) for s in ("train", "heldout", "pairs"))
+    n, m, p = len(train["label"]), len(held["identity"]), len(pairs["issame"])
+    assert (n, m, p) == (60, 18, 20)
+    # Existing columns first, in their order; the truth appended.
+    assert list(train) == [
+        "image", "label", "identity", "flipped", "conflict", "occluded", "blur_sigma", "noise_std", "pose_deg"
+    ]  # fmt: skip
+    assert list(held) == ["image", "identity", "occluded", "blur_sigma", "noise_std", "pose_deg"]
+    assert list(pairs)[:7] == [
+        "image_a",
+        "image_b",
+        "issame",
+        "identity_a",
+        "identity_b",
+        "index_a",
+        "index_b",
+    ]
+    for cols, rows in ((train, n), (held, m)):
+        assert cols["occluded"].dtype == bool and cols["occluded"].shape == (rows,)
+        for name in ("blur_sigma", "noise_std", "pose_deg"):
+            assert cols[name].dtype == f32 and cols[name].shape == (rows,), name
+        sigma = cols["blur_sigma"]
+        assert (sigma >= 0).all() and (sigma <= cfg.blur_max).all() and 0 < (sigma > 0).sum() < rows
+        assert (cols["noise_std"] >= f32(cfg.noise_std)).all() and (
+            cols["noise_std"] <= f32(cfg.noise_std_max)
+        ).all()
+        assert len(np.unique(cols["noise_std"])) == rows  # drawn per image
+        assert (cols["pose_deg"] >= 0).all() and (cols["pose_deg"] <= cfg.pose_extreme_deg).all()
+    for name in synthetic.TRUTH_COLUMNS:
+        for side in "ab":
+            col = pairs[f"{name}_{side}"]
+            assert col.dtype == held[name].dtype and col.shape == (p,)
+            np.testing.assert_array_equal(col, held[name][pairs[f"index_{side}"]])
+    meta = synthetic.load_meta(out)
+    assert meta["num_blurred"] == int((train["blur_sigma"] > 0).sum())
+    assert meta["num_occluded"] == int(train["occluded"].sum())
+    assert meta["heldout"]["num_blurred"] == int((held["blur_sigma"] > 0).sum())
+    assert meta["heldout"]["num_occluded"] == int(held["occluded"].sum())
+    assert meta["mean_noise_std"] == pytest.approx(train["noise_std"].astype(np.float64).mean())
+    assert meta["config"]["noise_std_max"] == 0.08 and meta["config"]["blur_prob"] == 0.5
+    # The readers still work and expose the truth.
+    ds = build_dataset("synthetic", out)
+    assert len(ds) == n and ds[0][0].shape == (3, 24, 24)
+    for name in synthetic.TRUTH_COLUMNS:
+        np.testing.assert_array_equal(ds.truth[name], train[name])
+    hds = synthetic.SyntheticDataset(out, split="heldout")
+    np.testing.assert_array_equal(hds.truth["pose_deg"], held["pose_deg"])
+    vset = load_verification(out)
+    assert vset.images.shape == (2 * p, 3, 24, 24)
+    np.testing.assert_array_equal(vset.images[0::2].numpy(), held["image"][pairs["index_a"]].astype(np.uint8))
+
+
+def test_degraded_generation_is_deterministic(tmp_path, degraded_dataset):
+    cfg, first = degraded_dataset
+    again = synthetic.generate(cfg, tmp_path / "again")
+    for split in ("train", "heldout", "pairs"):
+        arrows = sorted((first / split).glob("*.arrow"))
+        assert arrows
+        for f in arrows:
+            assert f.read_bytes() == (again / split / f.name).read_bytes(), f"{split}/{f.name} differs"
+    assert json.loads((first / "meta.json").read_text()) == json.loads((again / "meta.json").read_text())
+
+
+def _mean_abs_laplacian(images: np.ndarray) -> np.ndarray:
+    x = images.astype(np.float64)
+    lap = 4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]
+    return np.abs(lap).mean(axis=(1, 2, 3))
+
+
+def test_blur_removes_high_frequencies_and_leaves_other_images_alone(tmp_path):
+    base = dict(SMALL, num_identities=20, image_size=32, noise_std=0.0, occlusion_prob=0.0, seed=2)
+    sharp = synthetic.generate(SyntheticConfig(**base), tmp_path / "sharp")
+    blurry = synthetic.generate(SyntheticConfig(**base, blur_prob=0.5, blur_max=2.0), tmp_path / "blurry")
+    for split in ("train", "heldout"):
+        a, b = _columns(sharp, split), _columns(blurry, split)
+        sigma = b["blur_sigma"]
+        on = sigma > 0
+        assert 0.3 < on.mean() < 0.7 and (a["blur_sigma"] == 0).all()
+        # Un-blurred images keep their bytes; everything else but the images is unchanged.
+        np.testing.assert_array_equal(a["image"][~on], b["image"][~on])
+        for name in ("identity", "occluded", "noise_std", "pose_deg"):
+            np.testing.assert_array_equal(a[name], b[name])
+        ratio = _mean_abs_laplacian(b["image"][on]) / _mean_abs_laplacian(a["image"][on])
+        s = sigma[on]
+        assert (ratio <= 1.0 + 1e-9).all()
+        assert (ratio[s >= 0.75] < 0.9).all() and (ratio[s >= 1.25] < 0.6).all()
+        assert stats.spearmanr(s, ratio).statistic < -0.8  # stronger blur, less high frequency
+
+
+def test_gaussian_blur_matches_scipy_and_is_per_image():
+    from scipy import ndimage
+
+    x = np.random.default_rng(0).standard_normal((3, 3, 12, 10)).astype(np.float32)
+    sigma = np.array([0.4, 1.5, 6.0])
+    y = synthetic.gaussian_blur(x, sigma)
+    assert y.shape == x.shape and y.dtype == np.float32
+    for i, s in enumerate(sigma):
+        ref = ndimage.gaussian_filter(x[i].astype(np.float64), (0, s, s), mode="reflect", truncate=4.0)
+        np.testing.assert_allclose(y[i], ref, atol=1e-5)
+        # An image's result does not depend on the others blurred with it.
+        np.testing.assert_array_equal(synthetic.gaussian_blur(x[i : i + 1], sigma[i : i + 1]), y[i : i + 1])
+    with pytest.raises(ValueError, match="> 0"):
+        synthetic.gaussian_blur(x, [1.0, 0.0, 1.0])
+
+
+def test_noise_std_per_image_matches_the_record():
+    cfg = SyntheticConfig(image_size=32, noise_std=0.01, noise_std_max=0.08, occlusion_prob=0.0)
+    clean_cfg = SyntheticConfig(image_size=32, noise_std=0.0, occlusion_prob=0.0)
+    renderer = synthetic.SyntheticRenderer(cfg.code_dim, 0)
+    codes = np.random.default_rng(0).standard_normal((40, cfg.code_dim)).astype(np.float32)
+    seq = np.random.SeedSequence(11)
+    noisy, truth = synthetic.render_images_with_truth(renderer, codes, cfg, seq)
+    clean, clean_truth = synthetic.render_images_with_truth(renderer, codes, clean_cfg, seq)
+    assert (clean_truth["noise_std"] == 0).all()
+    assert truth["noise_std"].min() < 0.03 and truth["noise_std"].max() > 0.06
+    residual = noisy.astype(np.float64) - clean.astype(np.float64)
+    inside = (clean >= 30) & (clean <= 225)  # away from clipping at 0 and 255
+    estimate = np.array([residual[i][inside[i]].std() for i in range(len(codes))]) / 255.0
+    np.testing.assert_allclose(estimate, truth["noise_std"], rtol=0.1)
+    # The other truth does not depend on the noise level.
+    np.testing.assert_array_equal(truth["pose_deg"], clean_truth["pose_deg"])
+
+
+def test_pose_deg_is_the_rendered_rotation():
+    seq = np.random.SeedSequence(4)
+    cfg = SyntheticConfig(image_size=32, pose_extreme_prob=0.4, pose_extreme_deg=80.0, noise_std=0.0)
+    n = 300
+    codes = np.random.default_rng(1).standard_normal((n, cfg.code_dim)).astype(np.float32)
+    renderer = synthetic.SyntheticRenderer(cfg.code_dim, 0)
+    imgs, truth = synthetic.render_images_with_truth(renderer, codes, cfg, seq)
+    nz = synthetic._draw_nuisance(np.random.default_rng(synthetic._child(seq, 0)), n, cfg)
+    ordinary = np.degrees(np.abs(nz["rotation"].astype(np.float64))).astype(np.float32)
+    ext = truth["pose_extreme"]
+    assert truth["pose_deg"].dtype == np.float32 and 0.25 < ext.mean() < 0.55
+    np.testing.assert_array_equal(truth["pose_deg"][~ext], ordinary[~ext])
+    assert (truth["pose_deg"][ext] >= 40.0 - 1e-4).all() and (truth["pose_deg"][ext] <= 80.0 + 1e-4).all()
+    # With pose_extreme off: |rotation| of the nuisance, and the same images as before for the others.
+    plain, plain_truth = synthetic.render_images_with_truth(
+        renderer, codes, SyntheticConfig(image_size=32, noise_std=0.0), seq
+    )
+    np.testing.assert_array_equal(plain_truth["pose_deg"], ordinary)
+    np.testing.assert_array_equal(imgs[~ext], plain[~ext])
+    assert not plain_truth["pose_extreme"].any()
+    # The extreme images are rendered at the recorded rotation (sign unknown: one of the two fits).
+    for i in np.flatnonzero(ext)[:5]:
+        part = {k: v[i : i + 1].copy() for k, v in nz.items()}
+        code = codes[i : i + 1] + cfg.expression * part["expression"]
+        zero = np.zeros((1, 3, 32, 32), np.float32)
+        diffs = []
+        for sign in (-1.0, 1.0):
+            part["rotation"] = np.array([sign * np.radians(truth["pose_deg"][i])], np.float32)
+            redo = renderer.render(code, part, 32, zero)
+            diffs.append(np.abs(redo.astype(int) - imgs[i : i + 1].astype(int)).max())
+        assert min(diffs) <= 1 < max(diffs)
+
+
+def test_each_degradation_has_its_own_stream():
+    renderer = synthetic.SyntheticRenderer(16, 0)
+    codes = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
+    seq = np.random.SeedSequence(9)
+    opts = {"blur_prob": 0.5, "noise_std_max": 0.1, "pose_extreme_prob": 0.3}
+    _, everything = synthetic.render_images_with_truth(
+        renderer, codes, SyntheticConfig(image_size=16, **opts), seq
+    )
+    for key, column in (
+        ("blur_prob", "blur_sigma"),
+        ("noise_std_max", "noise_std"),
+        ("pose_extreme_prob", "pose_deg"),
+    ):
+        cfg = SyntheticConfig(image_size=16, **{key: opts[key]})
+        _, alone = synthetic.render_images_with_truth(renderer, codes, cfg, seq)
+        np.testing.assert_array_equal(alone[column], everything[column])
+        np.testing.assert_array_equal(alone["occluded"], everything["occluded"])
+
+
+@pytest.mark.parametrize(
+    ("values", "field", "match"),
+    [
+        ({"blur_max": -1.0}, "blur_max", ">= 0"),
+        ({"blur_prob": 0.5, "blur_max": 0.0}, "blur_max", "> 0 when blur_prob > 0"),
+        ({"blur_max": float("nan")}, "blur_max", "a finite number"),
+        ({"blur_prob": 1.5}, "blur_prob", r"in \[0, 1\]"),
+        ({"blur_prob": -0.1}, "blur_prob", r"in \[0, 1\]"),
+        ({"noise_std": 0.05, "noise_std_max": 0.02}, "noise_std_max", ">= noise_std=0.05"),
+        ({"noise_std_max": "big"}, "noise_std_max", "a finite number or None"),
+        ({"pose_extreme_prob": 1.2}, "pose_extreme_prob", r"in \[0, 1\]"),
+        ({"pose_extreme_deg": 0.0}, "pose_extreme_deg", r"in \(0, 180\]"),
+    ],
+)
+def test_config_rejects_bad_degradations(values, field, match):
+    with pytest.raises(ValueError, match=match) as info:
+        SyntheticConfig(**{**SMALL, **values})
+    assert f"SyntheticConfig.{field}=" in str(info.value)

@@ -9,8 +9,25 @@ positions, sizes and colours, a few marks, and a low-frequency skin texture. Not
 **Images.** Each image renders its identity under nuisance: an expression jitter of the code
 (``expression``), an in-plane pose (rotation, scale, shift), lighting (colour gain, linear
 gradient, offset), a random background, pixel noise and, with probability ``occlusion_prob``, a
-rectangle occluding part of the image. ``nuisance`` scales pose and lighting together. Rendering is
+rectangle occluding part of the image; optionally a blur, a per-image noise level and extreme
+rotations, each recorded per image (below). ``nuisance`` scales pose and lighting together. Rendering is
 vectorised numpy in fixed-size chunks, deterministic for a given config (same bytes every run).
+
+**Recorded degradations** (the truth for image-quality studies, e.g. CR-FIQA). Per image, in this
+order: the scene is rendered and lit; with probability ``blur_prob`` it is blurred by a Gaussian of
+sigma uniform in ``(0, blur_max]`` *pixels* (at ``image_size``; separable, borders mirrored); pixel
+noise is added, of std ``noise_std`` or, when ``noise_std_max`` is set, uniform in ``[noise_std,
+noise_std_max]`` per image (a fraction of the 0..1 range, before clipping and quantisation); the
+occluder is pasted (a flat, sharp, noise-free rectangle, as before); the result is quantised to
+``uint8``. The pose's rotation is drawn as before (normal, sd ``10 * nuisance`` degrees), except
+that with probability ``pose_extreme_prob`` it is replaced by one of magnitude uniform in
+``[pose_extreme_deg / 2, pose_extreme_deg]`` degrees and random sign (not scaled by ``nuisance``;
+scale and shift are kept). Recorded per image: ``blur_sigma`` (0 = not blurred), ``noise_std``,
+``pose_deg`` (``|rotation|`` in degrees) and ``occluded``. Each option draws from its own random
+stream and does nothing when off (the defaults ``blur_prob = 0``, ``noise_std_max = None``,
+``pose_extreme_prob = 0``), so with the defaults the images, labels and pairs are those of datasets
+generated before these options existed, and turning one option on changes nothing drawn for the
+others (un-blurred images keep their bytes when only blur is on).
 
 **Class sizes.** ``"uniform"``: ``images_per_identity`` each. ``"power"``: sizes drawn i.i.d. from
 the truncated discrete power law ``P(n) ∝ n^(-power_exponent)`` on ``[min_images, max_images]``.
@@ -27,10 +44,16 @@ images get a label drawn uniformly among the labels of *other* identities.
 
 **On disk** (``generate(cfg, out_dir)``), written to a temporary folder and renamed into place::
 
-    out_dir/train    datasets: image Array3D uint8 (3,S,S), label, identity, flipped, conflict, occluded
-    out_dir/heldout  datasets: image, identity (ids num_identities .. num_identities+heldout_identities-1)
-    out_dir/pairs    datasets: image_a, image_b, issame, identity_a, identity_b, index_a, index_b
-    out_dir/meta.json counts, class sizes, label -> identity map, conflict ids, config, seed
+    out_dir/train    datasets: image Array3D uint8 (3,S,S), label, identity, flipped, conflict, occluded,
+                     blur_sigma, noise_std, pose_deg (float32)
+    out_dir/heldout  datasets: image, identity (ids num_identities .. num_identities+heldout_identities-1),
+                     occluded, blur_sigma, noise_std, pose_deg
+    out_dir/pairs    datasets: image_a, image_b, issame, identity_a, identity_b, index_a, index_b,
+                     occluded_a, occluded_b, blur_sigma_a, blur_sigma_b, noise_std_a, noise_std_b,
+                     pose_deg_a, pose_deg_b (the held-out images' truth at index_a / index_b)
+    out_dir/meta.json counts (num_occluded, num_blurred, num_pose_extreme and the mean blur_sigma,
+                     noise_std and pose_deg, for train at the top level and under "heldout"),
+                     class sizes, label -> identity map, conflict ids, config, seed
 
 CLI (reads a YAML section of SyntheticConfig fields, e.g. from ``params.yaml``)::
 
@@ -63,12 +86,16 @@ __all__ = [
     "SyntheticConfig",
     "SyntheticDataset",
     "SyntheticRenderer",
+    "TRUTH_COLUMNS",
     "apply_label_noise",
     "class_sizes",
+    "gaussian_blur",
     "generate",
     "load_meta",
     "main",
     "make_pairs",
+    "render_images",
+    "render_images_with_truth",
 ]
 
 FORMAT = "pfclib-synthetic/1"
@@ -87,6 +114,12 @@ class SyntheticConfig:
     Difficulty: ``identity_similarity`` in ``[0, 1)`` (1 = all identities alike),
     ``expression`` (code jitter per image, in code standard deviations), ``nuisance`` (scales pose
     and lighting), ``noise_std`` (pixel noise, fraction of the 0..1 range), ``occlusion_prob``.
+    Recorded per-image degradations (all off by default; off = the images of earlier versions):
+    ``blur_prob`` of the images get a Gaussian blur of sigma uniform in ``(0, blur_max]`` pixels;
+    ``noise_std_max`` (``None`` = every image has ``noise_std``) draws each image's pixel-noise std
+    uniformly in ``[noise_std, noise_std_max]``; ``pose_extreme_prob`` of the images get a rotation of
+    magnitude uniform in ``[pose_extreme_deg / 2, pose_extreme_deg]`` degrees (random sign) instead of
+    the ordinary one.
     ``seed`` draws the data; ``renderer_seed`` fixes the renderer (keep it to compare datasets).
     """
 
@@ -109,6 +142,11 @@ class SyntheticConfig:
     nuisance: float = 1.0
     noise_std: float = 0.03
     occlusion_prob: float = 0.1
+    blur_prob: float = 0.0
+    blur_max: float = 1.5
+    noise_std_max: float | None = None
+    pose_extreme_prob: float = 0.0
+    pose_extreme_deg: float = 60.0
     seed: int = 0
     renderer_seed: int = 0
 
@@ -152,6 +190,30 @@ class SyntheticConfig:
         for name in ("expression", "nuisance", "noise_std"):
             need(getattr(self, name) >= 0.0, name, ">= 0")
         need(0.0 <= self.occlusion_prob <= 1.0, "occlusion_prob", "in [0, 1]")
+        floats = ("noise_std", "blur_prob", "blur_max", "pose_extreme_prob", "pose_extreme_deg")
+        for name in floats + (("noise_std_max",) if self.noise_std_max is not None else ()):
+            value = getattr(self, name)
+            need(
+                isinstance(value, (int, float, np.integer, np.floating))
+                and not isinstance(value, bool)
+                and math.isfinite(value),
+                name,
+                "a finite number" + (" or None" if name == "noise_std_max" else ""),
+            )
+        need(0.0 <= self.blur_prob <= 1.0, "blur_prob", "in [0, 1] (the fraction of images blurred)")
+        need(self.blur_max >= 0.0, "blur_max", ">= 0 (the largest blur sigma, in pixels)")
+        if self.blur_prob > 0:
+            need(
+                self.blur_max > 0.0, "blur_max", "> 0 when blur_prob > 0 (sigma is uniform in (0, blur_max])"
+            )
+        if self.noise_std_max is not None:
+            need(
+                self.noise_std_max >= self.noise_std,
+                "noise_std_max",
+                f">= noise_std={self.noise_std} (each image's std is uniform in [noise_std, noise_std_max]) or None",
+            )
+        need(0.0 <= self.pose_extreme_prob <= 1.0, "pose_extreme_prob", "in [0, 1]")
+        need(0.0 < self.pose_extreme_deg <= 180.0, "pose_extreme_deg", "in (0, 180] degrees")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SyntheticConfig:
@@ -243,13 +305,20 @@ class SyntheticRenderer:
         return self.centre + self.half_range * np.tanh(pre)
 
     def render(
-        self, codes: np.ndarray, nuisance: dict[str, np.ndarray], size: int, noise: np.ndarray
+        self,
+        codes: np.ndarray,
+        nuisance: dict[str, np.ndarray],
+        size: int,
+        noise: np.ndarray,
+        blur_sigma: np.ndarray | None = None,
     ) -> np.ndarray:
         """Render ``n`` images ``uint8 (n, 3, size, size)``.
 
         ``codes`` ``(n, code_dim)`` already include expression jitter; ``nuisance`` holds per-image
         arrays (see :func:`_draw_nuisance`); ``noise`` is ``(n, 3, size, size)`` standard normal
-        scaled by the caller.
+        scaled by the caller. ``blur_sigma`` ``(n,)`` (pixels; ``0`` = none) blurs the lit image of
+        each image with ``sigma > 0`` (:func:`gaussian_blur`) before the noise is added; the others
+        are untouched. Order: scene and lighting, blur, noise, occluder, quantisation.
         """
         p = self.face_params(codes)
         n = len(codes)
@@ -332,6 +401,11 @@ class SyntheticRenderer:
             1.0 + nuisance["light_x"].reshape(n, 1, 1, 1) * gx + nuisance["light_y"].reshape(n, 1, 1, 1) * gy
         )
         img = img * nuisance["gain"].reshape(n, 3, 1, 1) * light + nuisance["offset"].reshape(n, 1, 1, 1)
+        if blur_sigma is not None:
+            sigma = np.asarray(blur_sigma).reshape(n)
+            which = np.flatnonzero(sigma > 0)
+            if len(which):
+                img[which] = gaussian_blur(img[which], sigma[which])
         img += noise
         # Occlusion: a flat rectangle.
         occ = nuisance["occluded"].reshape(n, 1, 1, 1)
@@ -342,6 +416,48 @@ class SyntheticRenderer:
             mask = occ & inside[:, None]
             img = np.where(mask, nuisance["occ_color"].reshape(n, 3, 1, 1), img)
         return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+
+
+def gaussian_blur(images: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Blur each image of ``images`` ``(n, C, H, W)`` (float) with its own Gaussian ``sigma`` ``(n,)`` (pixels, > 0).
+
+    Separable: one 1-D kernel per image along the width, then the height, with taps ``|k| <=
+    ceil(4 sigma)`` (normalised to sum 1) and symmetric padding at the borders (``d c b a | a b c
+    d``). Vectorised over images; an image's result depends only on its own pixels and sigma (taps
+    beyond its support weigh exactly 0), so it does not depend on which images share the call.
+    Returns a new array of the dtype of ``images``.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be (n, C, H, W), got shape {images.shape}")
+    n = len(images)
+    sigma = np.asarray(sigma, dtype=np.float64).reshape(-1)
+    if len(sigma) != n:
+        raise ValueError(f"{len(sigma)} sigmas for {n} images")
+    if n == 0:
+        return images.copy()
+    if not (np.isfinite(sigma).all() and (sigma > 0).all()):
+        raise ValueError(f"blur sigmas must be finite and > 0, got min {sigma.min()}, max {sigma.max()}")
+    radii = np.ceil(4.0 * sigma).astype(np.int64)
+    r = int(radii.max())
+    taps = np.arange(-r, r + 1)
+    weight = np.exp(-0.5 * (taps[None, :] / sigma[:, None]) ** 2)
+    weight[np.abs(taps)[None, :] > radii[:, None]] = 0.0
+    weight /= weight.sum(axis=1, keepdims=True)
+    weight = weight.astype(images.dtype)
+    out = images
+    for axis in (3, 2):
+        pad = [(0, 0)] * 4
+        pad[axis] = (r, r)
+        padded = np.pad(out, pad, mode="symmetric")
+        length = out.shape[axis]
+        acc = np.zeros_like(out)
+        for j in range(len(taps)):
+            window = [slice(None)] * 4
+            window[axis] = slice(j, j + length)
+            acc += weight[:, j].reshape(n, 1, 1, 1) * padded[tuple(window)]
+        out = acc
+    return out
 
 
 def _draw_nuisance(rng: np.random.Generator, n: int, cfg: SyntheticConfig) -> dict[str, np.ndarray]:
@@ -380,30 +496,96 @@ def _chunk_images(image_size: int) -> int:
     return max(1, (1 << 20) // (image_size * image_size))
 
 
-def render_images(
+# Child streams of an image set's seed sequence (keys are part of the format):
+#   (0,)      nuisance, all images (:func:`_draw_nuisance`)
+#   (1, c)    pixel noise of chunk c
+#   (2, 0)    blur: which images, and sigma          (only used when blur_prob > 0)
+#   (2, 1)    per-image noise std                     (only used when noise_std_max is set)
+#   (2, 2)    extreme poses: which images, magnitude, sign (only used when pose_extreme_prob > 0)
+# Each recorded degradation has its own stream, so turning one on changes nothing drawn for the others.
+
+TRUTH_COLUMNS: tuple[str, ...] = ("occluded", "blur_sigma", "noise_std", "pose_deg")
+"""Per-image truth recorded for every image (train, heldout; ``_a``/``_b`` in pairs)."""
+
+
+def _draw_degradations(
+    seed_seq: np.random.SeedSequence, n: int, cfg: SyntheticConfig, rotation: np.ndarray
+) -> dict[str, np.ndarray]:
+    # Per-image blur sigma, noise std and the rotation actually used (radians), all float32.
+    f32 = np.float32
+    blur_sigma = np.zeros(n, dtype=f32)
+    if cfg.blur_prob > 0:
+        rng = np.random.default_rng(_child(seed_seq, 2, 0))
+        blurred = rng.random(n) < cfg.blur_prob
+        sigma = cfg.blur_max * (1.0 - rng.random(n))  # uniform in (0, blur_max]
+        blur_sigma = np.where(blurred, sigma, 0.0).astype(f32)
+    if cfg.noise_std_max is None:
+        noise_std = np.full(n, cfg.noise_std, dtype=f32)
+    else:
+        rng = np.random.default_rng(_child(seed_seq, 2, 1))
+        noise_std = rng.uniform(cfg.noise_std, cfg.noise_std_max, n).astype(f32)
+    extreme = np.zeros(n, dtype=bool)
+    if cfg.pose_extreme_prob > 0:
+        rng = np.random.default_rng(_child(seed_seq, 2, 2))
+        extreme = rng.random(n) < cfg.pose_extreme_prob
+        magnitude = np.radians(cfg.pose_extreme_deg * rng.uniform(0.5, 1.0, n))
+        sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+        rotation = np.where(extreme, sign * magnitude, rotation).astype(f32)
+    return {"blur_sigma": blur_sigma, "noise_std": noise_std, "rotation": rotation, "pose_extreme": extreme}
+
+
+def render_images_with_truth(
     renderer: SyntheticRenderer,
     codes: np.ndarray,
     cfg: SyntheticConfig,
     seed_seq: np.random.SeedSequence,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Render one image per row of ``codes`` ``(n, code_dim)`` (identity codes, before expression).
 
-    Returns ``uint8 (n, 3, S, S)`` and the boolean occlusion flags ``(n,)``. All randomness comes
-    from ``seed_seq``: nuisance is drawn for all images first, pixel noise per fixed-size chunk.
+    Returns ``uint8 (n, 3, S, S)`` and the per-image truth ``{name: (n,)}`` for
+    :data:`TRUTH_COLUMNS`: ``occluded`` (bool), ``blur_sigma`` (float32 pixels, 0 = not blurred),
+    ``noise_std`` (float32, the pixel-noise std as a fraction of the 0..1 range), ``pose_deg``
+    (float32, ``|rotation|`` in degrees), plus ``pose_extreme`` (bool). All randomness comes from
+    ``seed_seq``: nuisance and degradations are drawn for all images first, pixel noise per
+    fixed-size chunk (streams listed above this function).
     """
     n, size = len(codes), cfg.image_size
     nz = _draw_nuisance(np.random.default_rng(_child(seed_seq, 0)), n, cfg)
+    deg = _draw_degradations(seed_seq, n, cfg, nz["rotation"])
+    nz["rotation"] = deg["rotation"]
     out = np.empty((n, 3, size, size), dtype=np.uint8)
     chunk = _chunk_images(size)
     for c, start in enumerate(range(0, n, chunk)):
         stop = min(n, start + chunk)
         noise_rng = np.random.default_rng(_child(seed_seq, 1, c))
         noise = noise_rng.standard_normal((stop - start, 3, size, size), dtype=np.float32)
-        noise *= np.float32(cfg.noise_std)
+        if cfg.noise_std_max is None:
+            noise *= np.float32(cfg.noise_std)
+        else:
+            noise *= deg["noise_std"][start:stop].reshape(-1, 1, 1, 1)
         part = {k: v[start:stop] for k, v in nz.items()}
         chunk_codes = codes[start:stop] + cfg.expression * part["expression"]
-        out[start:stop] = renderer.render(chunk_codes, part, size, noise)
-    return out, nz["occluded"].copy()
+        sigma = deg["blur_sigma"][start:stop] if cfg.blur_prob > 0 else None
+        out[start:stop] = renderer.render(chunk_codes, part, size, noise, blur_sigma=sigma)
+    truth = {
+        "occluded": nz["occluded"].copy(),
+        "blur_sigma": deg["blur_sigma"],
+        "noise_std": deg["noise_std"],
+        "pose_deg": np.degrees(np.abs(deg["rotation"].astype(np.float64))).astype(np.float32),
+        "pose_extreme": deg["pose_extreme"],
+    }
+    return out, truth
+
+
+def render_images(
+    renderer: SyntheticRenderer,
+    codes: np.ndarray,
+    cfg: SyntheticConfig,
+    seed_seq: np.random.SeedSequence,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`render_images_with_truth` returning only the images and the occlusion flags ``(n,)``."""
+    images, truth = render_images_with_truth(renderer, codes, cfg, seed_seq)
+    return images, truth["occluded"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,6 +735,18 @@ def _save(datasets: Any, columns: dict[str, Any], features: dict[str, Any], path
     ds.save_to_disk(str(path))
 
 
+def _degradation_counts(truth: dict[str, np.ndarray]) -> dict[str, Any]:
+    # meta.json summary of the recorded degradations of one image set.
+    n = len(truth["occluded"])
+    return {
+        "num_blurred": int((truth["blur_sigma"] > 0).sum()),
+        "num_pose_extreme": int(truth["pose_extreme"].sum()),
+        "mean_blur_sigma": float(truth["blur_sigma"].astype(np.float64).mean()) if n else 0.0,
+        "mean_noise_std": float(truth["noise_std"].astype(np.float64).mean()) if n else 0.0,
+        "mean_pose_deg": float(truth["pose_deg"].astype(np.float64).mean()) if n else 0.0,
+    }
+
+
 def generate(cfg: SyntheticConfig, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Generate the dataset described by ``cfg`` into ``out_dir`` (see the module docstring).
 
@@ -573,13 +767,15 @@ def generate(cfg: SyntheticConfig, out_dir: str | os.PathLike, overwrite: bool =
     sizes = class_sizes(cfg, np.random.default_rng(streams["sizes"]))
     identity = np.repeat(np.arange(cfg.num_identities, dtype=np.int64), sizes)
     noise = apply_label_noise(identity, cfg.num_identities, cfg, np.random.default_rng(streams["noise"]))
-    train_images, train_occ = render_images(renderer, codes[identity], cfg, streams["train_images"])
+    train_images, train_truth = render_images_with_truth(
+        renderer, codes[identity], cfg, streams["train_images"]
+    )
 
     h_ids = np.repeat(
         np.arange(cfg.num_identities, cfg.num_identities + cfg.heldout_identities, dtype=np.int64),
         cfg.heldout_images_per_identity,
     )
-    held_images, _ = render_images(renderer, codes[h_ids], cfg, streams["heldout_images"])
+    held_images, held_truth = render_images_with_truth(renderer, codes[h_ids], cfg, streams["heldout_images"])
     ia, ib, issame = make_pairs(h_ids, cfg.num_pairs, np.random.default_rng(streams["pairs"]))
 
     shape = (3, cfg.image_size, cfg.image_size)
@@ -588,7 +784,10 @@ def generate(cfg: SyntheticConfig, out_dir: str | os.PathLike, overwrite: bool =
     try:
         with offline() as datasets, _quiet_progress(datasets):
             img = datasets.Array3D(shape, "uint8")
-            i64, b = datasets.Value("int64"), datasets.Value("bool")
+            i64, b, f32 = datasets.Value("int64"), datasets.Value("bool"), datasets.Value("float32")
+            # The recorded degradations (TRUTH_COLUMNS; occluded is already among train's columns).
+            extra = [name for name in TRUTH_COLUMNS if name != "occluded"]
+            truth_features = {name: (b if name == "occluded" else f32) for name in TRUTH_COLUMNS}
             _save(
                 datasets,
                 {
@@ -597,15 +796,24 @@ def generate(cfg: SyntheticConfig, out_dir: str | os.PathLike, overwrite: bool =
                     "identity": identity,
                     "flipped": noise.flipped,
                     "conflict": noise.conflict,
-                    "occluded": train_occ,
+                    "occluded": train_truth["occluded"],
+                    **{name: train_truth[name] for name in extra},
                 },
-                {"image": img, "label": i64, "identity": i64, "flipped": b, "conflict": b, "occluded": b},
+                {
+                    "image": img,
+                    "label": i64,
+                    "identity": i64,
+                    "flipped": b,
+                    "conflict": b,
+                    "occluded": b,
+                    **{name: f32 for name in extra},
+                },
                 tmp / "train",
             )
             _save(
                 datasets,
-                {"image": held_images, "identity": h_ids},
-                {"image": img, "identity": i64},
+                {"image": held_images, "identity": h_ids, **{k: held_truth[k] for k in TRUTH_COLUMNS}},
+                {"image": img, "identity": i64, **truth_features},
                 tmp / "heldout",
             )
             _save(
@@ -618,6 +826,11 @@ def generate(cfg: SyntheticConfig, out_dir: str | os.PathLike, overwrite: bool =
                     "identity_b": h_ids[ib],
                     "index_a": ia,
                     "index_b": ib,
+                    **{
+                        f"{k}_{s}": held_truth[k][idx]
+                        for k in TRUTH_COLUMNS
+                        for s, idx in (("a", ia), ("b", ib))
+                    },
                 },
                 {
                     "image_a": img,
@@ -627,6 +840,7 @@ def generate(cfg: SyntheticConfig, out_dir: str | os.PathLike, overwrite: bool =
                     "identity_b": i64,
                     "index_a": i64,
                     "index_b": i64,
+                    **{f"{k}_{s}": truth_features[k] for k in TRUTH_COLUMNS for s in "ab"},
                 },
                 tmp / "pairs",
             )
@@ -647,12 +861,15 @@ def generate(cfg: SyntheticConfig, out_dir: str | os.PathLike, overwrite: bool =
             "num_flipped": int(noise.flipped.sum()),
             "conflict_identities": noise.conflict_identities.tolist(),
             "num_conflict_images": int(noise.conflict.sum()),
-            "num_occluded": int(train_occ.sum()),
+            "num_occluded": int(train_truth["occluded"].sum()),
+            **_degradation_counts(train_truth),
             "heldout": {
                 "num_identities": cfg.heldout_identities,
                 "images_per_identity": cfg.heldout_images_per_identity,
                 "first_identity": cfg.num_identities,
                 "num_images": int(len(h_ids)),
+                "num_occluded": int(held_truth["occluded"].sum()),
+                **_degradation_counts(held_truth),
             },
             "pairs": {
                 "num_pairs": cfg.num_pairs,
@@ -700,7 +917,9 @@ class SyntheticDataset(HFImageDataset):
     """The ``train`` (or ``heldout``) split of a generated dataset as a pfclib image dataset.
 
     Item ``i`` is ``(float32 (3, S, S) normalised, label)``. The truth is kept as arrays:
-    ``identities``, ``flipped``, ``conflict`` (train only), and ``meta`` (``meta.json``).
+    ``identities``, ``flipped``, ``conflict`` (train only), the per-image degradations ``truth``
+    (``{name: (N,)}`` for the :data:`TRUTH_COLUMNS` the split has: datasets written before these
+    were recorded have only ``occluded`` in train and nothing in heldout), and ``meta`` (``meta.json``).
     For ``split="heldout"`` the label is the identity id minus ``num_identities`` (0-based).
     """
 
@@ -729,6 +948,12 @@ class SyntheticDataset(HFImageDataset):
         if split == "train":
             self.flipped = np.asarray(table["flipped"], dtype=bool)
             self.conflict = np.asarray(table["conflict"], dtype=bool)
+        names = set(table.column_names)
+        self.truth = {
+            name: np.asarray(table[name], dtype=bool if name == "occluded" else np.float32)
+            for name in TRUTH_COLUMNS
+            if name in names
+        }
 
     def images_uint8(self) -> np.ndarray:
         """All images at their stored size, ``uint8 (N, 3, S, S)`` (one bulk Arrow read)."""
@@ -789,7 +1014,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"wrote {out}: {meta['num_images']} train images, {meta['num_identities']} identities, "
         f"{meta['num_classes']} labels, {meta['num_flipped']} flipped, "
-        f"{len(meta['conflict_identities'])} conflicted identities, {meta['pairs']['num_pairs']} pairs",
+        f"{len(meta['conflict_identities'])} conflicted identities, {meta['num_blurred']} blurred, "
+        f"{meta['num_occluded']} occluded, {meta['pairs']['num_pairs']} pairs",
         file=sys.stderr,
     )
     return 0
