@@ -34,6 +34,7 @@ __all__ = [
     "HeadConfig",
     "LogConfig",
     "OptimConfig",
+    "QualityConfig",
     "TrainConfig",
     "apply_overrides",
 ]
@@ -77,9 +78,23 @@ class HeadConfig:
     update: str = "dense"  # dense (reference semantics) | sparse (only sampled rows change)
     chunk_size: int | None = None
     track_updates: bool = False
+    sub_centers: int = 1  # K centers per class (Sub-center ArcFace, paper default 3); 1: the plain head
+    dim_sample_rate: float = 1.0  # q in (0, 1]: embedding dimensions kept per step (Unicom); 1.0: all
 
     def __post_init__(self) -> None:
         _require(0.0 < self.sample_rate <= 1.0, f"head.sample_rate must be in (0, 1], got {self.sample_rate}")
+        _require(
+            isinstance(self.sub_centers, int)
+            and not isinstance(self.sub_centers, bool)
+            and self.sub_centers >= 1,
+            f"head.sub_centers must be a positive integer, got {self.sub_centers!r}",
+        )
+        _require(
+            isinstance(self.dim_sample_rate, int | float)
+            and not isinstance(self.dim_sample_rate, bool)
+            and 0.0 < self.dim_sample_rate <= 1.0,
+            f"head.dim_sample_rate must be a number in (0, 1], got {self.dim_sample_rate!r}",
+        )
         _require(self.update in _UPDATES, f"head.update must be one of {list(_UPDATES)}, got {self.update!r}")
         from pfclib import margins  # checked here, not when the head is built after the data are opened
 
@@ -196,6 +211,28 @@ class CheckpointConfig:
 
 
 @dataclass
+class QualityConfig:
+    """CR-FIQA's quality branch (:mod:`pfclib.quality`): a linear layer on the embedding regressing
+    each training sample's certainty ratio. Off by default: no branch, no cost, no checkpoint key."""
+
+    enabled: bool = False
+    weight: float = 10.0  # lambda of the total loss margin + lambda * SmoothL1(q, CR); the paper's 10
+    beta: float = 0.5  # SmoothL1's beta (the authors' 0.5); 0: plain L1
+    eps: float = 1e-9  # CR = CCS / (NNCCS + 1 + eps); the paper's 1e-9
+
+    def __post_init__(self) -> None:
+        _require(
+            0 < self.weight < float("inf"),
+            f"quality.weight must be a finite number > 0 (lambda of the quality loss), got {self.weight}",
+        )
+        _require(0 <= self.beta < float("inf"), f"quality.beta must be a finite number >= 0, got {self.beta}")
+        _require(
+            0 <= self.eps < 1,
+            f"quality.eps must be in [0, 1) (it keeps NNCCS + 1 + eps above 0), got {self.eps}",
+        )
+
+
+@dataclass
 class TrainConfig:
     """Everything one training run reads. ``backbone``, ``embedding_size`` and ``image_size`` are
     top-level keys because checkpoints consumers (:func:`pfclib.checkpoint.load_backbone`, the
@@ -226,6 +263,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
     def __post_init__(self) -> None:
         _require(

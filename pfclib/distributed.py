@@ -15,6 +15,9 @@ collectives become identities, so the single-process head runs exactly the same 
 * :func:`chunked_margin_cross_entropy` — the same loss computed over class chunks without ever
   holding the ``N x k`` logit matrix: the forward keeps each row's log-sum-exp, the backward
   recomputes each chunk's logits.
+* :func:`hard_negative_context` — the per-row context of a margin that needs its rows' hard
+  negatives on every rank (:class:`pfclib.margins.NPCFace`): the threshold is all-reduced from
+  the rank owning the target, the per-row sum and count of hard negatives over all ranks.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from pfclib.margins import Margin, RowContext, hard_negatives
 
 Group = dist.ProcessGroup | None
 
@@ -142,6 +147,34 @@ def _target_logits(logits: Tensor, target: Tensor) -> Tensor:
     return out
 
 
+def _row_threshold(margin: Margin, cos_t: Tensor, rows: Tensor, n: int, group: Group) -> Tensor:
+    """Each row's hard-negative threshold ``(N,)`` on every rank: computed by the rank owning the
+    row's target (``cos_t``: the target cosines of ``rows``), 0 elsewhere, summed over ranks."""
+    threshold = cos_t.new_zeros(n)
+    if rows.numel() > 0:
+        threshold[rows] = margin.hardness_threshold(cos_t)
+    return _all_reduce(threshold, dist.ReduceOp.SUM, group)
+
+
+def _hard_stats(cos: Tensor, threshold: Tensor, target: Tensor) -> Tensor:
+    """``(N, 2)``: per row, the sum of the cosines of its hard negatives among these columns and
+    their number (``target``: the rows' columns here, -1 if none)."""
+    rows = (target >= 0).nonzero().squeeze(1)
+    hard = hard_negatives(cos, threshold, rows, target[rows])
+    return torch.stack([torch.where(hard, cos, 0.0).sum(dim=1), hard.sum(dim=1).to(cos.dtype)], dim=1)
+
+
+@torch.no_grad()
+def hard_negative_context(margin: Margin, cos: Tensor, target: Tensor, group: Group = None) -> RowContext:
+    """The :class:`~pfclib.margins.RowContext` of a margin with ``needs_negatives`` from this rank's
+    cosines ``(N, k)`` (clamped) and target columns ``(N,)``: two all-reduces of ``O(N)`` over
+    ``group``, so hardness and the per-row sums span every rank's (sampled) columns."""
+    rows = (target >= 0).nonzero().squeeze(1)
+    threshold = _row_threshold(margin, cos[rows, target[rows]], rows, cos.shape[0], group)
+    stats = _all_reduce(_hard_stats(cos, threshold, target), dist.ReduceOp.SUM, group)
+    return margin.negative_context(threshold, stats[:, 0], stats[:, 1])
+
+
 def softmax_cross_entropy_(logits: Tensor, target: Tensor, group: Group) -> tuple[Tensor, Tensor]:
     """In place: the mean softmax cross-entropy over classes sharded across ``group`` (see
     :func:`margin_softmax_cross_entropy` for the arguments), and ``logits`` overwritten with this
@@ -196,20 +229,65 @@ def _chunk_target(target: Tensor, begin: int, end: int) -> Tensor:
     return torch.where(inside, target - begin, torch.full_like(target, -1))
 
 
-MarginFn = Callable[[Tensor, Tensor], Tensor]
+MarginFn = Callable[..., Tensor]
+
+
+def _class_cosine(x: Tensor, w: Tensor, begin: int, end: int, sub_centers: int) -> Tensor:
+    """The cosines ``(N, end - begin)`` of classes ``[begin, end)`` of ``w`` (unclamped): ``x @ w.T``
+    on their rows, and with ``sub_centers = K > 1`` (class c at rows ``c·K … c·K + K - 1``) the max
+    over each class's K sub-centers (the gradient goes to the arg-max)."""
+    if sub_centers == 1:
+        return x @ w[begin:end].T
+    cos = x @ w[begin * sub_centers : end * sub_centers].T
+    return cos.view(x.shape[0], end - begin, sub_centers).max(dim=2).values
+
+
+@torch.no_grad()
+def _chunked_negative_context(
+    x: Tensor, w: Tensor, target: Tensor, margin: Margin, chunk_size: int, group: Group, sub_centers: int = 1
+) -> RowContext:
+    """:func:`hard_negative_context` computed chunk by chunk (one extra pass of matrix products)."""
+    n, k = x.shape[0], w.shape[0] // sub_centers
+    rows = (target >= 0).nonzero().squeeze(1)
+    if sub_centers == 1:
+        cos_t = torch.linalg.vecdot(x[rows], w[target[rows]]).clamp_(-1.0, 1.0)
+    else:
+        w_t = w.view(k, sub_centers, -1)[target[rows]]  # (n_rows, K, D)
+        cos_t = torch.linalg.vecdot(x[rows, None, :], w_t).amax(dim=1).clamp_(-1.0, 1.0)
+    threshold = _row_threshold(margin, cos_t, rows, n, group)
+    stats = x.new_zeros((n, 2))
+    for begin in range(0, k, chunk_size):
+        end = min(begin + chunk_size, k)
+        cos = _class_cosine(x, w, begin, end, sub_centers).clamp_(-1.0, 1.0)
+        stats += _hard_stats(cos, threshold, _chunk_target(target, begin, end))
+    stats = _all_reduce(stats, dist.ReduceOp.SUM, group)
+    return margin.negative_context(threshold, stats[:, 0], stats[:, 1])
 
 
 class _ChunkedMarginCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, target: Tensor, margin: MarginFn, chunk_size: int, group: Group):
-        n, k = x.shape[0], w.shape[0]
+    def forward(
+        ctx,
+        x: Tensor,
+        w: Tensor,
+        target: Tensor,
+        margin: MarginFn,
+        chunk_size: int,
+        group: Group,
+        row_ctx,
+        sub_centers: int = 1,
+    ):
+        n, k = x.shape[0], w.shape[0] // sub_centers
+        if getattr(margin, "needs_negatives", False):
+            row_ctx = _chunked_negative_context(x, w, target, margin, chunk_size, group, sub_centers)  # type: ignore[arg-type]
+        extra = () if row_ctx is None else (row_ctx,)
         run_max = x.new_full((n,), float("-inf"))
         run_sum = x.new_zeros(n)
         target_logit = x.new_zeros(n)
         for begin in range(0, k, chunk_size):
             end = min(begin + chunk_size, k)
             tgt = _chunk_target(target, begin, end)
-            logits = margin((x @ w[begin:end].T).clamp_(-1.0, 1.0), tgt)
+            logits = margin(_class_cosine(x, w, begin, end, sub_centers).clamp_(-1.0, 1.0), tgt, *extra)
             new_max = torch.maximum(run_max, logits.amax(dim=1))
             run_sum = run_sum * (run_max - new_max).exp() + (logits - new_max[:, None]).exp().sum(dim=1)
             run_max = new_max
@@ -219,13 +297,14 @@ class _ChunkedMarginCE(torch.autograd.Function):
         target_logit = _all_reduce(target_logit, dist.ReduceOp.SUM, group)
         lse = global_max + total.log()
         ctx.save_for_backward(x, w, target, lse)
-        ctx.margin, ctx.chunk_size = margin, chunk_size
+        ctx.margin, ctx.chunk_size, ctx.extra, ctx.sub_centers = margin, chunk_size, extra, sub_centers
         return (lse - target_logit).mean()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         x, w, target, lse = ctx.saved_tensors
-        n, k = x.shape[0], w.shape[0]
+        k_sub = ctx.sub_centers
+        n, k = x.shape[0], w.shape[0] // k_sub
         scale = grad_loss / n
         grad_x = torch.zeros_like(x)
         grad_w = torch.empty_like(w)
@@ -233,21 +312,29 @@ class _ChunkedMarginCE(torch.autograd.Function):
         for begin in range(0, k, ctx.chunk_size):
             end = min(begin + ctx.chunk_size, k)
             tgt = _chunk_target(target, begin, end)
-            w_leaf = w[begin:end].detach().requires_grad_()
+            w_leaf = w[begin * k_sub : end * k_sub].detach().requires_grad_()
             with torch.enable_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-                logits = ctx.margin((x_leaf @ w_leaf.T).clamp(-1.0, 1.0), tgt)
+                cos = _class_cosine(x_leaf, w_leaf, 0, end - begin, k_sub)
+                logits = ctx.margin(cos.clamp(-1.0, 1.0), tgt, *ctx.extra)
             with torch.no_grad():
                 grad_logits = (logits - lse[:, None]).exp_().mul_(scale)
                 rows = (tgt >= 0).nonzero().squeeze(1)
                 grad_logits[rows, tgt[rows]] -= scale
             gx, gw = torch.autograd.grad(logits, (x_leaf, w_leaf), grad_logits)
             grad_x += gx
-            grad_w[begin:end] = gw
-        return grad_x, grad_w, None, None, None, None
+            grad_w[begin * k_sub : end * k_sub] = gw
+        return grad_x, grad_w, None, None, None, None, None, None
 
 
 def chunked_margin_cross_entropy(
-    x: Tensor, w: Tensor, target: Tensor, margin: MarginFn, chunk_size: int, group: Group = None
+    x: Tensor,
+    w: Tensor,
+    target: Tensor,
+    margin: MarginFn,
+    chunk_size: int,
+    group: Group = None,
+    ctx: RowContext | None = None,
+    sub_centers: int = 1,
 ) -> Tensor:
     """Margin-softmax cross-entropy computed ``chunk_size`` classes at a time.
 
@@ -260,13 +347,21 @@ def chunked_margin_cross_entropy(
         x: ``(N, D)`` L2-normalised embeddings (float32/float64).
         w: ``(k, D)`` L2-normalised centers of this rank's sampled classes.
         target: ``(N,)`` int64 column in ``w`` of each row's class, -1 if not on this rank.
-        margin: callable ``(cos (N, c), target (N,)) -> logits (N, c)`` (a :class:`pfclib.margins.Margin`).
+        margin: callable ``(cos (N, c), target (N,)[, ctx]) -> logits (N, c)`` (a
+            :class:`pfclib.margins.Margin`).
         chunk_size: classes per chunk, >= 1.
         group: process group, or None for one process.
+        ctx: the rows' :class:`~pfclib.margins.RowContext` for a margin with ``needs_norms``. For a
+            margin with ``needs_negatives`` it is built here, over all chunks and ranks, before the
+            loss (one extra pass of matrix products over the chunks).
+        sub_centers: K >= 1; ``w`` is then ``(k·K, D)``, class c's sub-centers at rows
+            ``c·K … c·K + K - 1``, and a class's cosine is the max over them (Sub-center ArcFace).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _ChunkedMarginCE.apply(x, w, target, margin, int(chunk_size), group)
+    if sub_centers == 1:
+        return _ChunkedMarginCE.apply(x, w, target, margin, int(chunk_size), group, ctx)
+    return _ChunkedMarginCE.apply(x, w, target, margin, int(chunk_size), group, ctx, int(sub_centers))
 
 
 def gather_rows_to_cpu(tensor: Tensor, sizes: Sequence[int], group: Group) -> Tensor:

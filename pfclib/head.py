@@ -10,7 +10,9 @@ Forward, one step on rank ρ of W (W = 1: no process group, any device):
     sample    this rank's positives + uniform negatives, k classes   -> index (k,), target (N,)
     normalise embeddings and the k sampled centers (fp32 or fp64)
     cosine    (N, k), clamped to [-1, 1]
-    margin    on each row's own target (only on the rank owning it), times s
+    margin    on each row's own target (only on the rank owning it), times s; per-row margins
+              (AdaFace: the norms of the gathered embeddings; NPCFace: hard negatives of all ranks)
+              get their row context first
     softmax   cross-entropy distributed over ranks (mean over all N rows)
 
 Center updates (``update=``), see :mod:`pfclib.optim` for the details:
@@ -26,6 +28,35 @@ Center updates (``update=``), see :mod:`pfclib.optim` for the details:
   tensor of the ``k`` sampled rows and ``make_optimizer`` returns :class:`pfclib.optim.SparseSGD` /
   ``SparseAdamW``, which change only those rows and their state — ``O(k·D)`` per step; unsampled
   rows are frozen. Identical to dense at ``r = 1``.
+
+Two options change what a class and a cosine are (both off by default; the default head runs exactly
+the code it ran without them):
+
+* **Sub-center ArcFace** (``sub_centers=K``; Deng, Guo, Liu, Zafeiriou, Kotsia, "Sub-center ArcFace:
+  Boosting Face Recognition by Large-scale Noisy Web Faces", ECCV 2020; the paper's default is
+  ``K = 3``): each class has ``K`` centers and a row's cosine to class ``j`` is
+  ``max_k cos(x, w_{j,k})`` — the gradient reaches the arg-max sub-center only — then the margin and
+  the softmax as usual. Layout: ``weight`` is ``(n_local·K, D)``, local class ``c``'s sub-centers are
+  rows ``c·K … c·K + K - 1`` (the global ``(C·K, D)`` matrix holds class ``j`` at rows ``j·K …``),
+  so sampling (``k`` classes → ``k·K`` rows), sharding (whole classes), the optimizers' per-row state
+  and checkpoints move a class with its ``K`` rows. Counters (``track_updates``) stay per class.
+* **Unicom feature-dimension sampling** (``dim_sample_rate=q``; An, Deng, Yang, Li, Feng, Guo, Yang,
+  Liu, "Unicom: Universal and Compact Representation Learning for Image Retrieval", ICLR 2023, "we
+  randomly select partial feature dimensions when calculating the similarities between embeddings
+  and class-wise prototypes"): at every training-mode forward, after class sampling, a uniformly
+  random subset of ``d = int(q·D)`` dimensions is kept — the same columns of the embeddings *and*
+  of the sampled centers, one draw per forward, as in the authors' released ``PartialFC_V2``
+  (``index_select`` on dimension 1 of both) — and both are normalised over those ``d`` dimensions
+  only; cosine, margin and softmax follow as usual and the gradient reaches only the kept
+  dimensions (weight decay and momentum still move whole rows). Per-row margins see the kept
+  dimensions too (AdaFace: the norm of the kept part). The authors' fine-tuning script leaves the
+  option off (``sample_num_feat=None``), so the default here is ``q = 1`` (off).
+  The subset is drawn from a generator seeded by ``derive_seed(dim_seed, SEED_DIM_SAMPLE, t)``, ``t``
+  the number of draws so far (``dim_step``), ``dim_seed`` the head's ``seed``: both are the same on
+  every rank (the authors' code draws on each GPU without a shared seed) and saved with the head's
+  state, so a resumed run draws what an uninterrupted one does. In ``eval()`` mode the head uses
+  all ``D`` dimensions (evaluation uses the full embedding). Under gradient accumulation each
+  micro-batch's forward draws its own subset.
 
 Full state for checkpoints and re-sharding onto another number of ranks: :mod:`pfclib.head_state`.
 
@@ -53,7 +84,7 @@ from pfclib.fused import sampled_margin_cross_entropy
 from pfclib.head_state import FULL_STATE_FORMAT  # noqa: F401  (re-exported)
 from pfclib.optim import LazySGD, SparseAdamW, SparseSGD, Workspace
 from pfclib.sampler import num_sampled, remap_labels, sample_classes
-from pfclib.seeding import SEED_INIT_CENTERS, SEED_SAMPLER, derive_seed
+from pfclib.seeding import SEED_DIM_SAMPLE, SEED_INIT_CENTERS, SEED_SAMPLER, derive_seed
 
 _INIT_BLOCK = 4096  # rows per independently seeded block of the initial centers
 
@@ -88,7 +119,9 @@ class PartialFC(nn.Module):
         sample_rate: r in (0, 1]; each rank samples ``k = int(r * n_local)`` classes per step
             (all local positives are always kept). ``1.0`` is pure model parallelism.
         margin: a :class:`pfclib.margins.Margin`, a name (``"arcface"``, ``"arcface_st"``,
-            ``"cosface"``, ``"combined"``, ``"softmax"``) or a dict for :func:`pfclib.margins.create`.
+            ``"cosface"``, ``"combined"``, ``"softmax"``, ``"adaface"``, ``"npcface"``) or a dict for
+            :func:`pfclib.margins.create`. A margin with running state (AdaFace's moving averages of
+            the norms) keeps it in buffers ``margin_<key>`` of this module (in ``state_dict()``).
         update: ``"dense"`` (default, reference semantics) or ``"sparse"`` (see module doc).
         chunk_size: if set, compute the softmax over chunks of this many sampled classes without
             holding the ``N x k`` logits (same result, about one extra matmul in backward).
@@ -97,16 +130,26 @@ class PartialFC(nn.Module):
             negative only); ``O(k)`` per training step.
         seed: seeds the initial centers (per class, independent of W) and the sampler's generator
             (per rank: ``(seed, rank)``).
+        sub_centers: K >= 1 centers per class (Sub-center ArcFace, see module doc; the paper uses
+            K = 3). ``1`` (default) is the ordinary head, bit for bit and at the same cost.
+        dim_sample_rate: q in (0, 1]; each training forward keeps ``int(q·D)`` random embedding
+            dimensions, the same on every rank (Unicom, see module doc). ``1.0`` (default) keeps all.
         process_group: None -> the default group if torch.distributed is initialised with W > 1,
             else a single process.
         device, dtype: of the centers; dtype float32 (default) or float64. Logits are computed in
             ``promote(dtype, float32)`` whatever the embeddings' dtype.
 
     Attributes:
-        weight: ``nn.Parameter`` ``(n_local, D)``, this rank's centers (classes ``start + i``).
+        weight: ``nn.Parameter`` ``(n_local·K, D)``, this rank's centers: class ``start + c`` at rows
+            ``c·K … c·K + K - 1`` (K = ``sub_centers``; one row per class by default).
+        sub_centers, dim_sample_rate, num_dims (``d = int(q·D)``), dim_step (draws so far) and
+            dim_seed (their seed: ``seed`` of the head that started the run; both in the state).
+        last_dims: the embedding dimensions kept at the last forward (None: all).
         start, n_local, rank, world_size, num_classes, embedding_size, sample_rate, margin, update.
         generator: the CPU ``torch.Generator`` of the sampler (saved in the state dict).
         last_index: local indices of the classes sampled at the last forward (None when r = 1).
+        last_sample: ``(index, target)`` of the last forward (``target``: each gathered row's column
+            in ``index``, -1 where another rank owns its class); read by :mod:`pfclib.quality`.
     """
 
     def __init__(
@@ -122,6 +165,8 @@ class PartialFC(nn.Module):
         process_group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        sub_centers: int = 1,
+        dim_sample_rate: float = 1.0,
     ) -> None:
         super().__init__()
         if not _is_whole(num_classes) or num_classes < 1:
@@ -140,6 +185,21 @@ class PartialFC(nn.Module):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype of the centers must be torch.float32 or torch.float64, got {dtype}")
+        if not _is_whole(sub_centers) or sub_centers < 1:
+            raise ValueError(f"sub_centers must be a positive integer, got {sub_centers!r}")
+        if not _is_real(dim_sample_rate) or not 0.0 < dim_sample_rate <= 1.0:
+            raise ValueError(f"dim_sample_rate must be a number in (0, 1], got {dim_sample_rate!r}")
+        if int(dim_sample_rate * embedding_size) == 0:
+            raise ValueError(
+                f"dim_sample_rate={dim_sample_rate!r} keeps int({dim_sample_rate!r} * {embedding_size}) = 0 "
+                f"of the {embedding_size} embedding dimensions; it must keep at least one"
+            )
+        self.sub_centers = int(sub_centers)
+        self.dim_sample_rate = float(dim_sample_rate)
+        self.num_dims = int(self.dim_sample_rate * embedding_size)
+        self.dim_step = 0  # dimension draws so far (Unicom); the same on every rank
+        self.dim_seed = int(seed)  # the draws' seed; saved and restored with dim_step
+        self.last_dims: Tensor | None = None
         self.num_classes, self.embedding_size = int(num_classes), int(embedding_size)
         self.sample_rate, self.update, self.seed = float(sample_rate), update, int(seed)
         self.chunk_size = None if chunk_size is None else int(chunk_size)
@@ -148,8 +208,11 @@ class PartialFC(nn.Module):
         self.group, self.rank, self.world_size = pdist.resolve_group(process_group)
         self.start, self.n_local = pdist.shard_range(self.num_classes, self.rank, self.world_size)
         self.num_sampled = num_sampled(self.sample_rate, self.n_local)
+        k_sub = self.sub_centers  # rows of the global (C·K, D) matrix: class j at j·K ... j·K + K - 1
         self.weight = nn.Parameter(
-            init_centers(self.start, self.n_local, self.embedding_size, self.seed, dtype, device)
+            init_centers(
+                self.start * k_sub, self.n_local * k_sub, self.embedding_size, self.seed, dtype, device
+            )
         )
         self.generator = torch.Generator()
         self.generator.manual_seed(derive_seed(self.seed, SEED_SAMPLER, self.rank))
@@ -160,7 +223,10 @@ class PartialFC(nn.Module):
             self.register_buffer(
                 "passive_updates", torch.zeros(self.n_local, dtype=torch.int64, device=device)
             )
+        for key, value in self.margin.initial_state().items():  # e.g. AdaFace's moving averages
+            self.register_buffer(f"margin_{key}", torch.tensor(float(value), dtype=dtype, device=device))
         self.last_index: Tensor | None = None
+        self.last_sample: tuple[Tensor | None, Tensor] | None = None
         self._lazy: LazySGD | None = None  # set by make_optimizer("sgd") for update="dense"
         self._work = Workspace()  # chunk buffers of the fused cosine, reused every step
         self.register_state_dict_pre_hook(_sync_before_state_dict)
@@ -170,10 +236,14 @@ class PartialFC(nn.Module):
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, shard=[{self.start}, "
             f"{self.start + self.n_local}) of rank {self.rank}/{self.world_size}, sample_rate={self.sample_rate}, "
             f"update={self.update!r}, chunk_size={self.chunk_size}, margin={self.margin}"
+            + (f", sub_centers={self.sub_centers}" if self.sub_centers > 1 else "")
+            + (f", dim_sample_rate={self.dim_sample_rate}" if self.num_dims < self.embedding_size else "")
         )
 
     # ------------------------------------------------------------------ forward
-    def forward(self, embeddings: Tensor, labels: Tensor, *, index: Tensor | None = None) -> Tensor:
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, *, index: Tensor | None = None, dims: Tensor | None = None
+    ) -> Tensor:
         """Mean margin-softmax cross-entropy of the global batch.
 
         Args:
@@ -181,12 +251,16 @@ class PartialFC(nn.Module):
             labels: ``(B,)`` integer class ids in ``[0, C)``.
             index: optional sorted distinct local class indices to use instead of sampling
                 (must contain this rank's positives); for tests and analysis.
+            dims: optional sorted distinct embedding dimensions to keep instead of drawing them
+                (``dim_sample_rate < 1`` only; the draw count ``dim_step`` does not move); the same
+                on every rank. For tests and analysis.
 
         Returns:
             scalar loss in the compute dtype (fp32, or fp64 for fp64 centers), equal on every rank.
             Batch sizes may differ between ranks.
         """
         sizes = self._check_inputs(embeddings, labels)
+        dims = self._draw_dims(dims)
         compute_dtype = torch.promote_types(self.weight.dtype, torch.float32)
 
         # gather: (N, D) embeddings with gradient (scaled by W, see module doc) and (N,) labels
@@ -197,29 +271,58 @@ class PartialFC(nn.Module):
 
         # sample: index (k,) of local classes (None = all), target column per row (-1 = not mine)
         index, target = self._sample(local, index)
+        if dims is not None:  # Unicom: only the kept dimensions of the embeddings (and centers below)
+            emb = emb.index_select(1, dims)
 
         # logits in fp32/fp64 even inside an autocast region of the backbone
         with torch.autocast(device_type=self.weight.device.type, enabled=False):
             # normalise: embeddings and only the sampled centers
             x = F.normalize(emb.to(compute_dtype), dim=1)
+            ctx = self._norm_context(emb, compute_dtype) if self.margin.needs_norms else None
+            k_sub = self.sub_centers
             if self._lazy is not None:  # pending dense-semantics updates of the sampled rows
-                self._lazy.catch_up(self.weight, self._index_or_all(index))
+                self._lazy.catch_up(self.weight, self._weight_rows(index))
             if self.chunk_size is None and self._row_sparse:
                 # fused gather -> normalise -> cosine -> margin -> cross-entropy (pfclib.fused): no
                 # (k, D) copy, one (N, k) buffer, row-sparse gradient
+                rows = self._weight_rows(index)
+                if k_sub == 1 and dims is None:
+                    return sampled_margin_cross_entropy(
+                        x, self.weight, rows, target, self.margin, self.group, self._work, ctx
+                    )
                 return sampled_margin_cross_entropy(
-                    x, self.weight, self._index_or_all(index), target, self.margin, self.group, self._work
+                    x, self.weight, rows, target, self.margin, self.group, self._work, ctx, k_sub, dims
                 )
-            w = F.normalize(self._centers(index).to(compute_dtype), dim=1)
+            w = self._centers(index).to(compute_dtype)
+            if dims is not None:
+                w = w.index_select(1, dims)
+            w = F.normalize(w, dim=1)
 
             # cosine -> margin -> distributed softmax cross-entropy
             if self.chunk_size is not None:
+                if k_sub == 1:
+                    return pdist.chunked_margin_cross_entropy(
+                        x, w, target, self.margin, self.chunk_size, self.group, ctx
+                    )
                 return pdist.chunked_margin_cross_entropy(
-                    x, w, target, self.margin, self.chunk_size, self.group
+                    x, w, target, self.margin, self.chunk_size, self.group, ctx, sub_centers=k_sub
                 )
-            cos = (x @ w.T).clamp(-1.0, 1.0)
-            logits = self.margin(cos, target)
+            cos = x @ w.T
+            if k_sub > 1:  # a class's cosine: its nearest sub-center (gradient to that one only)
+                cos = cos.view(cos.shape[0], -1, k_sub).max(dim=2).values
+            cos = cos.clamp(-1.0, 1.0)
+            if self.margin.needs_negatives:  # hard negatives over every rank's (sampled) columns
+                ctx = pdist.hard_negative_context(self.margin, cos.detach(), target, self.group)
+            logits = self.margin(cos, target) if ctx is None else self.margin(cos, target, ctx)
             return pdist.margin_softmax_cross_entropy(logits, target, self.group)
+
+    def _norm_context(self, emb: Tensor, dtype: torch.dtype) -> pmargins.RowContext:
+        """The row context of a margin with ``needs_norms`` from the gathered embeddings' norms
+        (detached; the same rows in the same order on every rank, so no collective); its running
+        state (buffers ``margin_<key>``) moves in training mode only."""
+        norms = torch.linalg.vector_norm(emb.detach().to(dtype), dim=1)
+        state = {key: getattr(self, f"margin_{key}") for key in self.margin.initial_state()}
+        return self.margin.norm_context(norms, state, update=self.training)
 
     @property
     def _row_sparse(self) -> bool:
@@ -238,10 +341,14 @@ class PartialFC(nn.Module):
 
     @torch.no_grad()
     def centers(self, rows: Tensor | None = None) -> Tensor:
-        """A copy of the current centers of local rows ``rows`` (all if None), with their pending lazy
+        """A copy of the current centers of ``weight`` rows ``rows`` (all if None; with sub-centers a
+        class has K rows, see :meth:`class_centers`), with their pending lazy
         updates (cost ``O(len(rows)·D)``; the head's state is left as it is, so a run that is observed
         trains exactly like one that is not)."""
-        rows = self._index_or_all(None) if rows is None else rows.to(self.weight.device, torch.int64)
+        if rows is None:
+            rows = torch.arange(self.weight.shape[0], device=self.weight.device)
+        else:
+            rows = rows.to(self.weight.device, torch.int64)
         if self._lazy is not None:
             return self._lazy.current_rows(self.weight, rows)
         return self.weight.detach().index_select(0, rows)
@@ -254,13 +361,77 @@ class PartialFC(nn.Module):
     def _index_or_all(self, index: Tensor | None) -> Tensor:
         return torch.arange(self.n_local, device=self.weight.device) if index is None else index
 
+    def _weight_rows(self, index: Tensor | None) -> Tensor:
+        """The rows of ``weight`` of the local classes ``index`` (all if None): the classes themselves
+        for K = 1, else each class's K sub-center rows ``c·K … c·K + K - 1`` (sorted, distinct)."""
+        if self.sub_centers == 1:
+            return self._index_or_all(index)
+        if index is None:
+            return torch.arange(self.weight.shape[0], device=self.weight.device)
+        offsets = torch.arange(self.sub_centers, device=index.device)
+        return (index[:, None] * self.sub_centers + offsets).reshape(-1)
+
     def _centers(self, index: Tensor | None) -> Tensor:
-        """The sampled centers ``(k, D)``: row-sparse gradient (sparse update or lazy optimizer), else dense."""
+        """The sampled centers ``(k·K, D)``: row-sparse gradient (sparse update or lazy optimizer), else dense."""
         if self._row_sparse:
-            if index is None:
-                index = torch.arange(self.n_local, device=self.weight.device)
-            return F.embedding(index, self.weight, sparse=True)
-        return self.weight if index is None else self.weight.index_select(0, index)
+            return F.embedding(self._weight_rows(index), self.weight, sparse=True)
+        if index is None:
+            return self.weight
+        return self.weight.index_select(0, self._weight_rows(index))
+
+    @torch.no_grad()
+    def class_centers(self, classes: Tensor | None = None) -> Tensor:
+        """The current centers of local classes ``classes`` (all if None) as ``(n, K, D)`` (a copy,
+        pending lazy updates included; see :meth:`centers`)."""
+        classes = self._index_or_all(None if classes is None else classes.to(self.weight.device, torch.int64))
+        return self.centers(self._weight_rows(classes)).view(-1, self.sub_centers, self.embedding_size)
+
+    @torch.no_grad()
+    def dominant_centers(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Per local class, the index in ``[0, K)`` of its dominant sub-center: the one nearest (by
+        cosine) to most of the given samples of the class (the paper's dominant sub-center, on the
+        samples passed in; one pass over them, no state). ``labels`` are global class ids; samples of
+        other ranks' classes are ignored; a class without samples gets -1. ``(n_local,)`` int64."""
+        local = labels.to(self.weight.device, torch.int64) - self.start
+        keep = (local >= 0) & (local < self.n_local)
+        local = local[keep]
+        out = torch.full((self.n_local,), -1, dtype=torch.int64, device=self.weight.device)
+        if local.numel() == 0:
+            return out
+        x = F.normalize(embeddings[keep].to(self.weight.dtype), dim=1)
+        w = F.normalize(self.class_centers(local), dim=2)  # (n, K, D)
+        nearest = torch.einsum("nd,nkd->nk", x, w).argmax(dim=1)
+        votes = torch.zeros((self.n_local, self.sub_centers), dtype=torch.int64, device=out.device)
+        votes.index_put_((local, nearest), torch.ones_like(local), accumulate=True)
+        seen = votes.sum(dim=1) > 0
+        out[seen] = votes[seen].argmax(dim=1)
+        return out
+
+    def _draw_dims(self, dims: Tensor | None) -> Tensor | None:
+        """The embedding dimensions this forward keeps (None: all): ``dims`` if given, else in training
+        mode with ``dim_sample_rate < 1`` a fresh draw of ``d`` of the ``D`` (see module doc)."""
+        if dims is not None:
+            if self.num_dims == self.embedding_size:
+                raise ValueError("dims= needs dim_sample_rate < 1 (this head keeps every dimension)")
+            dims = dims.to(self.weight.device)
+            if dims.dtype not in (torch.int32, torch.int64) or dims.dim() != 1 or dims.numel() == 0:
+                raise ValueError(
+                    f"dims must be a non-empty 1-D integer tensor, got {dims.dtype} {tuple(dims.shape)}"
+                )
+            dims = dims.to(torch.int64)
+            if int(dims.min()) < 0 or int(dims.max()) >= self.embedding_size:
+                raise ValueError(
+                    f"dims must lie in [0, {self.embedding_size}), got [{int(dims.min())}, {int(dims.max())}]"
+                )
+            if dims.numel() > 1 and not bool((dims[1:] > dims[:-1]).all()):
+                raise ValueError("dims must be sorted ascending without duplicates")
+        elif self.num_dims < self.embedding_size and self.training:
+            gen = torch.Generator().manual_seed(derive_seed(self.dim_seed, SEED_DIM_SAMPLE, self.dim_step))
+            dims = torch.randperm(self.embedding_size, generator=gen)[: self.num_dims].sort().values
+            dims = dims.to(self.weight.device)
+            self.dim_step += 1
+        self.last_dims = dims
+        return dims
 
     def _sample(self, local: Tensor, index: Tensor | None) -> tuple[Tensor | None, Tensor]:
         positives = torch.unique(local[local >= 0])
@@ -271,6 +442,7 @@ class PartialFC(nn.Module):
             index = index.to(self.weight.device)
         self.last_index = index
         target = local if index is None else remap_labels(local, index)
+        self.last_sample = (index, target)
         if self.track_updates and self.training:
             with torch.no_grad():
                 if index is None:
@@ -401,13 +573,19 @@ class PartialFC(nn.Module):
 
     # -------------------------------------------------------------- state dicts
     def get_extra_state(self) -> dict[str, Any]:
-        return {
+        state = {
             "generator": self.generator.get_state(),
             "num_classes": self.num_classes,
             "start": self.start,
             "n_local": self.n_local,
             "world_size": self.world_size,
         }
+        if self.sub_centers > 1:
+            state["sub_centers"] = self.sub_centers
+        if self.num_dims < self.embedding_size:
+            state["dim_step"] = self.dim_step
+            state["dim_seed"] = self.dim_seed
+        return state
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         mine = (self.num_classes, self.start, self.n_local)
@@ -418,7 +596,13 @@ class PartialFC(nn.Module):
                 f"[{mine[1]}, {mine[1] + mine[2]}) of {mine[0]}; use full_state_dict()/load_full_state_dict() "
                 "to change the number of ranks"
             )
+        if state.get("sub_centers", 1) != self.sub_centers:
+            raise ValueError(
+                f"state dict has sub_centers={state.get('sub_centers', 1)} but this head has {self.sub_centers}"
+            )
         self.generator.set_state(state["generator"])
+        if "dim_step" in state:
+            self.dim_step, self.dim_seed = int(state["dim_step"]), int(state["dim_seed"])
 
     def full_state_dict(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
         """Collective (every rank calls it): the whole head (and ``optimizer``'s state for it) as one

@@ -6,9 +6,17 @@ checkpoint written by W ranks loads onto W' ranks: each rank of the new job take
 ``[start, start + n_local)`` of its own shard.
 
 Keys: ``format``, ``num_classes``, ``embedding_size``, ``sample_rate``, ``update``, ``margin``
-(dict), ``weight`` ``(C, D)``, ``counters`` (``{"active", "passive"}`` of shape ``(C,)``, or None),
+(dict), ``margin_state`` (the margin's running scalars, e.g. AdaFace's moving averages of the
+embedding norms; ``{}`` for margins without state), ``weight`` ``(C, D)``, ``counters`` (``{"active", "passive"}`` of shape ``(C,)``, or None),
 ``generator_states`` (one per rank), ``optimizer`` (None, or ``{"class", "hyper", "state"}`` where
 per-row state tensors are gathered to ``(C, ...)``).
+
+Heads with sub-centers (``sub_centers=K > 1``) add the key ``sub_centers``; their ``weight`` and
+per-row optimizer state are ``(C·K, ...)``, class ``j`` at rows ``j·K … j·K + K - 1``, so a rank
+takes rows ``[start·K, (start + n_local)·K)`` (its classes with all their sub-centers); the counters
+stay ``(C,)``. Heads with Unicom dimension sampling (``dim_sample_rate < 1``) add
+``dim_sample_rate``, ``dim_step`` and ``dim_seed`` (the draws so far and their seed, the same on
+every rank, restored on any number of ranks). A state without these keys is that of a head with ``K = 1`` and ``q = 1``.
 
 Optimizer state moves within a family: ``torch.optim.SGD``, :class:`~pfclib.optim.LazySGD` and
 :class:`~pfclib.optim.SparseSGD` share ``momentum_buffer``; ``torch.optim.AdamW`` and
@@ -37,7 +45,30 @@ _FAMILIES = ({"SGD", "SparseSGD", "LazySGD"}, {"AdamW", "SparseAdamW"})
 
 
 def _row_sizes(head: PartialFC) -> list[int]:
+    """Classes per rank."""
     return [pdist.shard_range(head.num_classes, r, head.world_size)[1] for r in range(head.world_size)]
+
+
+def _weight_sizes(head: PartialFC, sizes: list[int]) -> list[int]:
+    """Rows of ``weight`` per rank (K per class)."""
+    return sizes if head.sub_centers == 1 else [n * head.sub_centers for n in sizes]
+
+
+def _option_keys(head: PartialFC) -> dict[str, Any]:
+    """The keys of the optional head features (none for the default head)."""
+    keys: dict[str, Any] = {}
+    if head.sub_centers > 1:
+        keys["sub_centers"] = head.sub_centers
+    if head.num_dims < head.embedding_size:
+        keys["dim_sample_rate"] = head.dim_sample_rate
+        keys["dim_step"] = head.dim_step
+        keys["dim_seed"] = head.dim_seed
+    return keys
+
+
+def _load_options(head: PartialFC, state: Mapping[str, Any]) -> None:
+    if "dim_step" in state:
+        head.dim_step, head.dim_seed = int(state["dim_step"]), int(state["dim_seed"])
 
 
 def full_state_dict(head: PartialFC, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
@@ -45,6 +76,7 @@ def full_state_dict(head: PartialFC, optimizer: torch.optim.Optimizer | None = N
     Extra memory: the full matrix on the CPU, one shard on the device."""
     head.sync()
     sizes = _row_sizes(head)
+    wsizes = _weight_sizes(head, sizes)
     full: dict[str, Any] = {
         "format": FULL_STATE_FORMAT,
         "num_classes": head.num_classes,
@@ -52,8 +84,10 @@ def full_state_dict(head: PartialFC, optimizer: torch.optim.Optimizer | None = N
         "sample_rate": head.sample_rate,
         "update": head.update,
         "margin": head.margin.to_dict(),
-        "weight": pdist.gather_rows_to_cpu(head.weight.detach(), sizes, head.group),
+        "margin_state": margin_state(head),
+        "weight": pdist.gather_rows_to_cpu(head.weight.detach(), wsizes, head.group),
         "counters": None,
+        **_option_keys(head),
     }
     if head.track_updates:
         full["counters"] = {
@@ -67,8 +101,25 @@ def full_state_dict(head: PartialFC, optimizer: torch.optim.Optimizer | None = N
         states: list[Any] = [None] * head.world_size
         dist.all_gather_object(states, gen_state, group=head.group)
         full["generator_states"] = states
-    full["optimizer"] = None if optimizer is None else _full_optimizer_state(head, optimizer, sizes)
+    full["optimizer"] = None if optimizer is None else _full_optimizer_state(head, optimizer, wsizes)
     return full
+
+
+def margin_state(head: PartialFC) -> dict[str, float]:
+    """The margin's running scalars (buffers ``margin_<key>``), the same on every rank."""
+    return {key: getattr(head, f"margin_{key}").item() for key in head.margin.initial_state()}
+
+
+def _load_margin_state(head: PartialFC, saved: Mapping[str, float] | None, what: str) -> None:
+    expected = head.margin.initial_state()
+    saved = dict(saved or {})
+    if set(saved) != set(expected):
+        raise ValueError(
+            f"{what} holds margin state {sorted(saved)}; margin {head.margin.name!r} keeps {sorted(expected)}"
+        )
+    with torch.no_grad():
+        for key, value in saved.items():
+            getattr(head, f"margin_{key}").fill_(value)
 
 
 def _weight_group(head: PartialFC, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -108,6 +159,10 @@ def _check_fits(head: PartialFC, state: Mapping[str, Any], fmt: str, what: str) 
             f"{what} is for C={state['num_classes']}, D={state['embedding_size']}; "
             f"this head has C={head.num_classes}, D={head.embedding_size}"
         )
+    if state.get("sub_centers", 1) != head.sub_centers:
+        raise ValueError(
+            f"{what} has sub_centers={state.get('sub_centers', 1)}; this head has sub_centers={head.sub_centers}"
+        )
 
 
 def load_full_state_dict(
@@ -118,9 +173,13 @@ def load_full_state_dict(
     seeding)."""
     _check_fits(head, full, FULL_STATE_FORMAT, "full state dict")
     head.sync()  # a lazy optimizer's window restarts: every row loaded below is current
+    _load_margin_state(head, full.get("margin_state"), "full state dict")
     rows = slice(head.start, head.start + head.n_local)
+    k_sub = head.sub_centers
+    wrows = slice(head.start * k_sub, (head.start + head.n_local) * k_sub)  # the classes' K rows each
+    _load_options(head, full)
     with torch.no_grad():
-        head.weight.copy_(full["weight"][rows])
+        head.weight.copy_(full["weight"][wrows])
         if head.track_updates and full.get("counters") is not None:
             head.active_updates.copy_(full["counters"]["active"][rows])
             head.passive_updates.copy_(full["counters"]["passive"][rows])
@@ -130,7 +189,7 @@ def load_full_state_dict(
     if optimizer is not None:
         if full.get("optimizer") is None:
             raise ValueError("the full state dict holds no optimizer state; pass optimizer=None")
-        _load_full_optimizer_state(head, full["optimizer"], optimizer, rows)
+        _load_full_optimizer_state(head, full["optimizer"], optimizer, wrows)
 
 
 def _load_full_optimizer_state(
@@ -169,7 +228,7 @@ def _install_optimizer_state(
     if "step" in state and isinstance(state["step"], Tensor):
         step = state["step"]
         if mine == "SparseAdamW" and step.dim() == 0:
-            state["step"] = torch.full((head.n_local,), int(step), dtype=torch.int64, device=device)
+            state["step"] = torch.full((head.weight.shape[0],), int(step), dtype=torch.int64, device=device)
         elif mine == "AdamW" and step.dim() == 1:
             distinct = step.unique()
             if distinct.numel() > 1:
@@ -209,6 +268,8 @@ def shard_state_dict(head: PartialFC, optimizer: torch.optim.Optimizer | None = 
         "counters": None,
         "optimizer": None,
     }
+    if head.sub_centers > 1:  # start/end count classes; weight and per-row state hold K rows each
+        shard["sub_centers"] = head.sub_centers
     if head.track_updates:
         shard["counters"] = {"active": host(head.active_updates), "passive": host(head.passive_updates)}
     if optimizer is not None:
@@ -239,10 +300,12 @@ def sharded_manifest(head: PartialFC, shards: list[dict[str, Any]], folder: str)
         "sample_rate": head.sample_rate,
         "update": head.update,
         "margin": head.margin.to_dict(),
+        "margin_state": margin_state(head),
         "world_size": head.world_size,
         "folder": folder,
         "shards": shards,
         "generator_states": states,
+        **_option_keys(head),
     }
 
 
@@ -271,6 +334,9 @@ def load_sharded_state(
     of the rows read (file cache) and one chunk. The sampler's generator is restored when the world
     size matches."""
     _check_fits(head, manifest, SHARDED_FORMAT, "sharded head state")
+    _load_margin_state(head, manifest.get("margin_state"), "sharded head state")
+    _load_options(head, manifest)
+    k_sub = head.sub_centers  # weight and per-row optimizer state: K rows per class
     folder = Path(folder)
     head.sync()
     a, b = head.start, head.start + head.n_local
@@ -283,11 +349,11 @@ def load_sharded_state(
             continue
         shard = _open_shard(folder, entry)
         s0 = entry["start"]
-        pairs = [(head.weight, shard["weight"])]
+        pairs = [(head.weight, shard["weight"], k_sub)]  # (destination, source, rows per class)
         if head.track_updates and shard.get("counters") is not None:
             pairs += [
-                (head.active_updates, shard["counters"]["active"]),
-                (head.passive_updates, shard["counters"]["passive"]),
+                (head.active_updates, shard["counters"]["active"], 1),
+                (head.passive_updates, shard["counters"]["passive"], 1),
             ]
         if optimizer is not None:
             if shard.get("optimizer") is None:
@@ -299,15 +365,17 @@ def load_sharded_state(
                 if isinstance(value, Tensor) and value.dim() >= 1:
                     if key not in state:
                         keep = dtype if value.is_floating_point() and key != "step" else value.dtype
-                        state[key] = torch.empty((head.n_local, *value.shape[1:]), dtype=keep, device=device)
-                    pairs.append((state[key], value))
+                        state[key] = torch.empty(
+                            (head.weight.shape[0], *value.shape[1:]), dtype=keep, device=device
+                        )
+                    pairs.append((state[key], value, k_sub))
                 elif key not in state:  # a scalar (e.g. AdamW's step): the same on every rank
                     state[key] = value.to(device).clone() if isinstance(value, Tensor) else value
         with torch.no_grad():
-            for dst, src in pairs:
-                for r in range(lo, hi, _COPY_ROWS):
-                    r1 = min(hi, r + _COPY_ROWS)
-                    dst[r - a : r1 - a].copy_(src[r - s0 : r1 - s0])
+            for dst, src, per in pairs:
+                for r in range(lo * per, hi * per, _COPY_ROWS):
+                    r1 = min(hi * per, r + _COPY_ROWS)
+                    dst[r - a * per : r1 - a * per].copy_(src[r - s0 * per : r1 - s0 * per])
         del shard, pairs
     states = manifest.get("generator_states") or []
     if len(states) == head.world_size:
@@ -324,10 +392,16 @@ def read_sharded_state(manifest: Mapping[str, Any], folder: str | Path) -> dict[
     full: dict[str, Any] = {
         "format": FULL_STATE_FORMAT,
         **{k: manifest[k] for k in ("num_classes", "embedding_size", "sample_rate", "update", "margin")},
+        "margin_state": dict(manifest.get("margin_state") or {}),
         "weight": torch.cat([s["weight"] for s in shards]),
         "counters": None,
         "generator_states": list(manifest.get("generator_states") or []),
         "optimizer": None,
+        **{
+            k: manifest[k]
+            for k in ("sub_centers", "dim_sample_rate", "dim_step", "dim_seed")
+            if k in manifest
+        },
     }
     if all(s.get("counters") is not None for s in shards):
         full["counters"] = {k: torch.cat([s["counters"][k] for s in shards]) for k in ("active", "passive")}

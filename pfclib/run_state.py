@@ -9,7 +9,9 @@ dict), ``step`` (optimizer steps completed), ``world_size``, ``backbone`` and ``
 (state dicts), ``scheduler`` (one state dict per optimizer), ``head`` (the whole head and its
 optimizer state, :meth:`pfclib.PartialFC.full_state_dict`, including the class sampler's generator
 of every rank), ``data_state`` (:meth:`pfclib.data.order.DataOrder.state`), ``rng`` (torch's global
-generator, and CUDA's, of every rank), ``grad_scaler`` and ``metrics`` (the loss history).
+generator, and CUDA's, of every rank), ``grad_scaler`` and ``metrics`` (the loss history); with
+``quality.enabled`` also ``quality`` (the state dict of :class:`pfclib.quality.QualityBranch`, whose
+optimizer state is the backbone optimizer's second parameter group).
 
 Restore policy. With the same number of processes everything is put back bitwise, so a resumed run
 continues exactly as an uninterrupted one (on CPU). With another number the centers and their
@@ -65,6 +67,7 @@ class RunParts:
     schedulers: Sequence[torch.optim.lr_scheduler.LambdaLR]
     order: DataOrder
     scaler: Any = None  # a GradScaler for fp16, else None
+    quality: nn.Module | None = None  # the CR-FIQA branch (quality.enabled), else None
 
 
 def gather_objects(obj: Any, world_size: int) -> list[Any]:
@@ -92,6 +95,10 @@ def check_finite(parts: RunParts, step: int) -> None:
     bad = [name for name, p in parts.model.named_parameters() if not bool(torch.isfinite(p).all())]
     if not bool(torch.isfinite(parts.head.weight).all()):
         bad.append(f"head centers (rank {parts.rank})")
+    if parts.quality is not None:
+        bad += [
+            f"quality.{n}" for n, p in parts.quality.named_parameters() if not bool(torch.isfinite(p).all())
+        ]
     everyone = [b for rank_bad in gather_objects(bad, parts.world) for b in rank_bad]
     if everyone:
         shown = ", ".join(everyone[:5]) + (f" and {len(everyone) - 5} more" if len(everyone) > 5 else "")
@@ -113,7 +120,9 @@ def capture(
     cuda_rng = gather_objects(torch.cuda.get_rng_state(parts.device), parts.world) if cuda else None
     if parts.rank != 0:
         return None
+    extra = {"quality": parts.quality.state_dict()} if parts.quality is not None else {}
     return {
+        **extra,
         "format": CHECKPOINT_FORMAT,
         "config": parts.config.to_dict(),
         "step": step,
@@ -224,8 +233,15 @@ def restore(
             "data or the optimizer state the checkpoint holds: set them back to the checkpoint's values, "
             "or start a new run in another output_dir"
         )
+    if parts.quality is not None and ckpt.get("quality") is None:
+        raise ValueError(
+            f"cannot resume from {path} with quality.enabled=true: that checkpoint was trained without the "
+            "quality branch. Set quality.enabled back to false, or start a new run in another output_dir"
+        )
     step = int(ckpt["step"])
     parts.model.load_state_dict(ckpt["backbone"])
+    if parts.quality is not None:
+        parts.quality.load_state_dict(ckpt["quality"])
     parts.backbone_opt.load_state_dict(ckpt["backbone_optimizer"])
     # restores the sampler's generator of this rank too when the world size is unchanged
     if ckpt["head"].get("format") == head_state.SHARDED_FORMAT:  # only the shards with this rank's rows

@@ -13,6 +13,9 @@ purpose constants below keep the streams of different jobs apart; each is used i
 ``SEED_TORCH``            torch's global generator (dropout, ...) of a rank: ``(seed, TORCH, rank)``
 ``SEED_INIT_CENTERS``     block ``b`` of 4,096 initial class centers: ``(seed, INIT_CENTERS, b)``
 ``SEED_SAMPLER``          the class sampler of a head shard: ``(seed, SAMPLER, rank)``
+``SEED_QUALITY``          the initial weights of the quality branch (pfclib.quality): ``(seed, QUALITY)``
+``SEED_DIM_SAMPLE``       the head's embedding dimensions kept at its ``t``-th training forward (Unicom,
+                          the same on every rank): ``(seed, DIM_SAMPLE, t)``
 ========================  ==========================================================================
 """
 
@@ -22,9 +25,11 @@ import numpy as np
 
 __all__ = [
     "SEED_DATA",
+    "SEED_DIM_SAMPLE",
     "SEED_FLIP",
     "SEED_HEAD_RESHARD",
     "SEED_INIT_CENTERS",
+    "SEED_QUALITY",
     "SEED_SAMPLER",
     "SEED_TORCH",
     "SEED_TORCH_RESHARD",
@@ -32,7 +37,8 @@ __all__ = [
 ]
 
 SEED_FLIP, SEED_HEAD_RESHARD, SEED_TORCH_RESHARD, SEED_DATA, SEED_TORCH = 1, 2, 3, 4, 5
-SEED_INIT_CENTERS, SEED_SAMPLER = 6, 7
+SEED_INIT_CENTERS, SEED_SAMPLER, SEED_QUALITY = 6, 7, 8
+SEED_DIM_SAMPLE = 9
 
 
 def derive_seed(*parts: int) -> int:

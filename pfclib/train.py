@@ -24,7 +24,11 @@ or call :func:`training_function` from Python or a notebook (one process, no lau
 3. **The loop.** One optimizer step = ``gradient_accumulation_steps`` micro-batches, each loss
    divided by that number, DDP synchronising on the last one; a non-finite loss stops the run
    (nothing after the last good checkpoint is written); the backbone gradient is clipped; both
-   optimizers step, both schedules advance. Every ``eval.every`` steps rank 0 scores the
+   optimizers step, both schedules advance. With ``quality.enabled`` (CR-FIQA, :mod:`pfclib.quality`)
+   each micro-batch's loss adds ``quality.weight`` times the SmoothL1 loss of a linear quality
+   branch on the embeddings against the certainty ratio of the head's forward (no gradient); the
+   branch is the backbone optimizer's second parameter group, its gradient averaged over the
+   ranks by hand (it is not in DDP). Every ``eval.every`` steps rank 0 scores the
    verification sets; every ``checkpoint.every`` steps all ranks join
    :func:`pfclib.run_state.capture` and rank 0 writes one file atomically.
 4. **Report** (:class:`pfclib.logs.TrainLog`, rank 0): ``log.csv``, TensorBoard, a tqdm bar on a
@@ -62,7 +66,7 @@ from pfclib.io import RunLock, write_json
 from pfclib.logs import TrainLog
 from pfclib.run_state import RunParts, broadcast_object, restore, save
 from pfclib.schedule import WarmupPolyDecay, make_schedulers
-from pfclib.seeding import SEED_DATA, SEED_FLIP, SEED_TORCH, derive_seed
+from pfclib.seeding import SEED_DATA, SEED_FLIP, SEED_QUALITY, SEED_TORCH, derive_seed
 
 __all__ = ["DataOrder", "derive_seed", "main", "training_function"]
 
@@ -134,9 +138,15 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def _build_optimizer(
+    model: nn.Module, config: TrainConfig, quality: nn.Module | None = None
+) -> torch.optim.Optimizer:
+    """The backbone's optimizer; the quality branch, when there is one, is its second parameter
+    group (same rate, schedule, momentum and weight decay, as a layer of the backbone would be)."""
     o = config.optim
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: Any = [p for p in model.parameters() if p.requires_grad]
+    if quality is not None:
+        params = [{"params": params}, {"params": list(quality.parameters())}]
     if o.optimizer == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
@@ -238,6 +248,33 @@ def _init_backbone(model: nn.Module, config: TrainConfig, num_classes: int) -> s
     )
 
 
+def _quality_loss(head: nn.Module, quality: nn.Module, embeddings: torch.Tensor, config: TrainConfig):
+    """This rank's CR-FIQA loss: SmoothL1 between the branch's prediction on the embeddings and the
+    certainty ratio of the head's forward just done (collective; :mod:`pfclib.quality`)."""
+    from pfclib.quality import certainty_ratio, quality_loss
+
+    cr = certainty_ratio(head, embeddings, eps=config.quality.eps).cr
+    return quality_loss(quality(embeddings), cr, beta=config.quality.beta)
+
+
+def _global_mean(x: torch.Tensor, world: int) -> float:
+    """Collective: the mean over ranks of a scalar."""
+    if world > 1:
+        x = x.detach().double().clone()
+        dist.all_reduce(x)
+        x /= world
+    return float(x)
+
+
+def _average_gradients(module: nn.Module, world: int) -> None:
+    """Collective: each parameter's gradient averaged over ranks (what DDP does for the backbone)."""
+    for p in module.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
 def _due(done: int, every: int, total_steps: int, at_end: bool) -> bool:
     return (every > 0 and done % every == 0) or (done == total_steps and at_end)
 
@@ -270,7 +307,8 @@ def training_function(
     ``callback(event, info)``, when given, is called on every rank with ``event`` ``"start"`` (after
     any resume, before the first step), ``"step"`` (after each optimizer step) and ``"end"``;
     ``info`` holds ``step`` (steps completed), ``model`` (the un-wrapped backbone), ``head``,
-    ``optimizers`` (backbone, head) and, for ``"step"``, ``loss``. Use it to record extra
+    ``optimizers`` (backbone, head), with ``quality.enabled`` ``quality`` (the
+    :class:`pfclib.quality.QualityBranch`) and, for ``"step"``, ``loss``. Use it to record extra
     statistics from a notebook; raising from it aborts the run like a kill (no final checkpoint).
 
     Returns a dict with ``steps`` (optimizer steps completed), ``start_step``, ``total_steps``,
@@ -345,7 +383,12 @@ def _run(config: TrainConfig, callback, accelerator, out_dir: Path) -> dict[str,
         seed=config.seed,
         **config.backbone_kwargs,
     )
-    backbone_opt_raw = _build_optimizer(model, config)
+    quality = None
+    if config.quality.enabled:  # CR-FIQA's quality branch (pfclib.quality); None costs nothing
+        from pfclib.quality import QualityBranch
+
+        quality = QualityBranch(config.embedding_size, seed=derive_seed(config.seed, SEED_QUALITY)).to(device)
+    backbone_opt_raw = _build_optimizer(model, config, quality)
     model, backbone_opt = accelerator.prepare(model, backbone_opt_raw)
     head = PartialFC(
         num_classes,
@@ -357,6 +400,8 @@ def _run(config: TrainConfig, callback, accelerator, out_dir: Path) -> dict[str,
         track_updates=config.head.track_updates,
         seed=config.seed,
         device=device,
+        sub_centers=config.head.sub_centers,
+        dim_sample_rate=config.head.dim_sample_rate,
     )
     if head.world_size != world:
         raise RuntimeError(f"the head sees {head.world_size} ranks but accelerate runs {world} processes")
@@ -383,6 +428,7 @@ def _run(config: TrainConfig, callback, accelerator, out_dir: Path) -> dict[str,
         schedulers,
         order,
         accelerator.scaler,
+        quality,
     )
 
     # ---- 2. start: resume this run, or take another run's backbone, or start fresh
@@ -457,10 +503,13 @@ def _run(config: TrainConfig, callback, accelerator, out_dir: Path) -> dict[str,
                 "head": head,
                 "optimizers": (backbone_opt_raw, head_opt),
             }
+            if quality is not None:
+                info["quality"] = quality
             callback(event, {**info, **extra})
 
     # ---- 3. the loop
     loss_history: list[float] = []
+    quality_history: list[float] = []
     last_checkpoint: Path | None = None
     verification: dict[str, dict] = {}
     train_time = 0.0
@@ -470,7 +519,7 @@ def _run(config: TrainConfig, callback, accelerator, out_dir: Path) -> dict[str,
         notify("start", start_step)
         for step in range(start_step, end_step):
             t0 = time.perf_counter()
-            step_loss = 0.0
+            step_loss = step_quality = 0.0
             for micro in range(accum):
                 images, labels = next(batches)
                 if config.data.hflip:
@@ -486,15 +535,26 @@ def _run(config: TrainConfig, callback, accelerator, out_dir: Path) -> dict[str,
                             step + 1, "the backbone's embeddings hold NaN or inf", last_checkpoint
                         )
                     loss = head(embeddings, labels)  # fp32, the global mean over all ranks' samples
-                    accelerator.backward(loss / accum)
+                    total = loss
+                    if quality is not None:  # + lambda * SmoothL1(q(x), CR), CR without gradient
+                        q_loss = _quality_loss(head, quality, embeddings, config)
+                        total = loss + config.quality.weight * q_loss
+                        step_quality += _global_mean(q_loss.detach(), world) / accum
+                    accelerator.backward(total / accum)
                 step_loss += loss.item() / accum
-            if not math.isfinite(step_loss):  # the same on every rank: all stop together
-                raise _diverged(
-                    step + 1, f"the loss is {step_loss} (the mean over all processes)", last_checkpoint
+            if not (math.isfinite(step_loss) and math.isfinite(step_quality)):  # the same on every rank
+                what = f"the loss is {step_loss}" + (
+                    f", the quality loss {step_quality}" if quality is not None else ""
                 )
+                raise _diverged(step + 1, f"{what} (the mean over all processes)", last_checkpoint)
+            if quality is not None and world > 1:  # not in DDP: average its gradient by hand
+                _average_gradients(quality, world)
             grad_norm = float("nan")
             if o.grad_clip is not None:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), o.grad_clip))
+                clipped = (
+                    model.parameters() if quality is None else [*model.parameters(), *quality.parameters()]
+                )
+                grad_norm = float(accelerator.clip_grad_norm_(clipped, o.grad_clip))
             if accelerator.scaler is not None:
                 accelerator.scaler.step(head_opt)  # before backbone_opt.step(), which calls scaler.update()
             else:
@@ -508,6 +568,8 @@ def _run(config: TrainConfig, callback, accelerator, out_dir: Path) -> dict[str,
             seconds = time.perf_counter() - t0
             train_time += seconds
             loss_history.append(step_loss)
+            if quality is not None:
+                quality_history.append(step_quality)
             done = step + 1
             notify("step", done, loss=step_loss)
 
@@ -542,6 +604,7 @@ def _run(config: TrainConfig, callback, accelerator, out_dir: Path) -> dict[str,
         "global_batch": images_per_step,
         "loss_history": loss_history,
         "loss_history_offset": history_offset,
+        **({"quality_loss_history": quality_history} if quality is not None else {}),
         "final_loss": loss_history[-1] if loss_history else None,
         "final_loss_avg": float(np.mean(loss_history[-10:])) if loss_history else None,
         "samples_per_s": images_per_step * len(loss_history) / train_time if train_time > 0 else None,
@@ -592,6 +655,7 @@ _UNITS = {
     "max_steps": "optimizer steps",
     "mixed_precision": "no|fp16|bf16",
     "image_size": "pixels",
+    "quality.weight": "lambda",
 }
 
 
@@ -605,14 +669,7 @@ def _epilog() -> str:
     def keys(cls: type, prefix: str) -> str:
         out = []
         for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(f.type) or f.name in (
-                "data",
-                "head",
-                "optim",
-                "eval",
-                "log",
-                "checkpoint",
-            ):
+            if dataclasses.is_dataclass(f.type) or f.name in sections:
                 continue
             unit = _UNITS.get(prefix + f.name)
             out.append(f"{f.name} ({unit})" if unit else f.name)
@@ -621,9 +678,10 @@ def _epilog() -> str:
     import typing
 
     hints = typing.get_type_hints(TrainConfig)
+    sections = [f.name for f in dataclasses.fields(TrainConfig) if dataclasses.is_dataclass(hints[f.name])]
     lines = ["config keys (pfclib.config documents each; every 'every' and *_steps counts optimizer steps):"]
     lines.append(f"  {'top level:':12s} {keys(TrainConfig, '')}")
-    for name in ("data", "head", "optim", "eval", "log", "checkpoint"):
+    for name in sections:
         lines.append(f"  {name + ':':12s} {keys(hints[name], name + '.')}")
     lines += [
         f"backbones:    {' '.join(models.list_models())}",

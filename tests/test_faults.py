@@ -444,7 +444,7 @@ BAD_INPUTS: list[Case] = [
          r"full state dict is for C=12, D=8; this head has C=10, D=8"),
     # ---- margins.create
     Case("margin-unknown-name", "margins", _margin("arcfase"), ValueError,
-         r"unknown margin 'arcfase'; expected one of \['arcface', 'arcface_st', 'combined'"),
+         r"unknown margin 'arcfase'; expected one of \['adaface', 'arcface', 'arcface_st', 'combined'"),
     Case("margin-unknown-parameter", "margins", _margin({"name": "arcface", "mm": 0.5}), ValueError,
          r"unknown parameter\(s\) \['mm'\] for margin 'arcface'; accepted: \[.*'m'"),
     Case("margin-dict-without-name", "margins", _margin({"m": 0.5}), ValueError,

@@ -36,6 +36,96 @@ SCENARIOS = [
         "margin": {"name": "arcface_st", "filter_threshold": 0.3},
         "index": [0, 1, 3, 4, 6, 7, 8, 9, 10],
     },
+    # per-row margins: AdaFace's statistics of the global batch, NPCFace's hard negatives of all ranks
+    {
+        "name": "adaface-r05-lazy-unequal",
+        "sizes": [3, 5],
+        "rate": 0.5,
+        "update": "dense",
+        "chunk": None,
+        "margin": {"name": "adaface", "alpha": 0.5, "h": 1.0},
+        "index": [0, 2, 3, 6, 7, 8, 9, 10],
+    },
+    {
+        "name": "adaface-r1-sparse-chunked",
+        "sizes": [4, 4],
+        "rate": 1.0,
+        "update": "sparse",
+        "chunk": 3,
+        "margin": "adaface",
+        "index": None,
+    },
+    {
+        "name": "npcface-r05-torch-sgd",
+        "sizes": [3, 5],
+        "rate": 0.5,
+        "update": "dense",
+        "chunk": None,
+        "margin": "npcface",
+        "index": [0, 1, 3, 6, 7, 8, 9, 10],
+        "optimizer": "torch",
+    },
+    {
+        "name": "npcface-r05-lazy",
+        "sizes": [4, 4],
+        "rate": 0.5,
+        "update": "dense",
+        "chunk": None,
+        "margin": {"name": "npcface", "filter_threshold": 0.6},
+        "index": [0, 2, 3, 5, 6, 7, 8, 9, 10],
+    },
+    {
+        "name": "npcface-r05-sparse-chunked",
+        "sizes": [4, 4],
+        "rate": 0.5,
+        "update": "sparse",
+        "chunk": 2,
+        "margin": "npcface",
+        "index": [0, 1, 3, 4, 6, 7, 8, 9, 10],
+    },
+    # Sub-center ArcFace (a rank owns whole classes with their K rows) and Unicom's kept dimensions
+    # (the head draws them itself: every rank must draw the same ones)
+    {
+        "name": "subcenter3-r05-lazy-unequal",
+        "sizes": [3, 5],
+        "rate": 0.5,
+        "update": "dense",
+        "chunk": None,
+        "margin": "arcface",
+        "index": [0, 2, 3, 6, 7, 8, 9, 10],
+        "head": {"sub_centers": 3},
+    },
+    {
+        "name": "subcenter2-unicom05-npcface-sparse-chunked",
+        "sizes": [4, 4],
+        "rate": 0.5,
+        "update": "sparse",
+        "chunk": 2,
+        "margin": "npcface",
+        "index": [0, 1, 3, 4, 6, 7, 8, 9, 10],
+        "head": {"sub_centers": 2, "dim_sample_rate": 0.5},
+    },
+    {
+        "name": "unicom05-adaface-torch-sgd",
+        "sizes": [3, 5],
+        "rate": 1.0,
+        "update": "dense",
+        "chunk": None,
+        "margin": {"name": "adaface", "alpha": 0.5, "h": 1.0},
+        "index": None,
+        "optimizer": "torch",
+        "head": {"dim_sample_rate": 0.5},
+    },
+    {
+        "name": "subcenter3-unicom05-lazy",
+        "sizes": [4, 4],
+        "rate": 0.5,
+        "update": "dense",
+        "chunk": None,
+        "margin": "cosface",
+        "index": [0, 2, 3, 5, 6, 7, 8, 9, 10],
+        "head": {"sub_centers": 3, "dim_sample_rate": 0.5},
+    },
 ]
 
 
@@ -57,11 +147,15 @@ def _make_head(sc):
         margin=sc["margin"],
         dtype=torch.float64,
         seed=1,
+        **sc.get("head", {}),
     )
 
 
-def _step(head, emb, labels, index):
-    opt = head.make_optimizer("sgd", lr=0.5, momentum=0.9, weight_decay=0.01)
+def _step(head, emb, labels, index, optimizer="head"):
+    if optimizer == "torch":  # torch's SGD on a dense gradient: the head's (N, k) logits path
+        opt = torch.optim.SGD([head.weight], lr=0.5, momentum=0.9, weight_decay=0.01)
+    else:
+        opt = head.make_optimizer("sgd", lr=0.5, momentum=0.9, weight_decay=0.01)
     emb = emb.clone().requires_grad_()
     loss = head(emb, labels, index=index)
     loss.backward()
@@ -69,6 +163,11 @@ def _step(head, emb, labels, index):
     grad = grad.to_dense() if grad.is_sparse else grad.clone()
     opt.step()
     return loss.detach(), emb.grad, grad, opt
+
+
+def _margin_state(head):
+    """The head's margin buffers (AdaFace's moving averages; empty for other margins)."""
+    return {k: v.detach().clone() for k, v in head.named_buffers() if k.startswith("margin_")}
 
 
 def _worker(rank, world_size, scenarios):
@@ -83,9 +182,20 @@ def _worker(rank, world_size, scenarios):
         if sc["index"] is not None:
             gi = torch.tensor(sc["index"])
             index = gi[(gi >= head.start) & (gi < head.start + head.n_local)] - head.start
-        loss, emb_grad, w_grad, opt = _step(head, emb[lo:hi], labels[lo:hi], index)
+        loss, emb_grad, w_grad, opt = _step(
+            head, emb[lo:hi], labels[lo:hi], index, sc.get("optimizer", "head")
+        )
         full = head.full_state_dict(opt)
-        out.append({"loss": loss, "emb_grad": emb_grad, "w_grad": w_grad, "full": full})
+        out.append(
+            {
+                "loss": loss,
+                "emb_grad": emb_grad,
+                "w_grad": w_grad,
+                "full": full,
+                "margin_state": _margin_state(head),
+                "dims": head.last_dims,
+            }
+        )
     # the head's own sampling: valid on every rank, loss equal on both
     head = pfclib.PartialFC(C, D, sample_rate=0.4, seed=3)
     emb, labels = _batch([4, 4])
@@ -103,10 +213,16 @@ def test_two_processes_equal_one_process():
         emb, labels = _batch(sc["sizes"])
         single = _make_head(sc)
         index = None if sc["index"] is None else torch.tensor(sc["index"])
-        loss, emb_grad, w_grad, opt = _step(single, emb, labels, index)
+        loss, emb_grad, w_grad, opt = _step(single, emb, labels, index, sc.get("optimizer", "head"))
         single.sync()  # dense SGD is lazy: apply the pending updates before reading weight and state
         r0, r1 = per_rank[0][i], per_rank[1][i]
         tol = {"rtol": 1e-10, "atol": 1e-12}
+        # Unicom: both ranks kept the dimensions one process keeps
+        if sc.get("head", {}).get("dim_sample_rate", 1.0) < 1.0:
+            assert single.last_dims.numel() == D // 2
+            assert torch.equal(r0["dims"], single.last_dims) and torch.equal(r1["dims"], single.last_dims)
+        else:
+            assert r0["dims"] is None and single.last_dims is None
         torch.testing.assert_close(r0["loss"], loss, **tol)
         torch.testing.assert_close(r1["loss"], loss, **tol)
         # W * d(global mean loss)/d(emb_r): DDP's average over W then gives the true gradient
@@ -114,6 +230,13 @@ def test_two_processes_equal_one_process():
         torch.testing.assert_close(torch.cat([r0["w_grad"], r1["w_grad"]]), w_grad, **tol)
         torch.testing.assert_close(r0["full"]["weight"], single.weight.detach(), **tol)
         torch.testing.assert_close(r1["full"]["weight"], single.weight.detach(), **tol)
+        # AdaFace's running statistics: every rank agrees with one process (the global batch's)
+        single_state = _margin_state(single)
+        assert set(single_state) == set(r0["margin_state"]) == set(r1["margin_state"])
+        assert ("adaface" in str(sc["margin"])) == bool(single_state)
+        for key, value in single_state.items():
+            assert torch.equal(r0["margin_state"][key], r1["margin_state"][key])
+            torch.testing.assert_close(r0["margin_state"][key], value, rtol=1e-14, atol=0)
         torch.testing.assert_close(
             r0["full"]["optimizer"]["state"]["momentum_buffer"],
             opt.state[single.weight]["momentum_buffer"],

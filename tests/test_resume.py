@@ -137,8 +137,14 @@ RESUME_CASES = {
         "optim.lr": 0.003,
         "head.track_updates": True,
     },
+    # AdaFace keeps moving averages of the embedding norms in the head: they travel in the checkpoint
+    "adaface": {"head.margin": {"name": "adaface", "s": 32.0}},
     # dropout draws from torch's global generator: the resume must put it back exactly
     "dropout": {"backbone_kwargs": {"dropout": 0.5}},
+    # Sub-center ArcFace: (C·K, D) centers and their optimizer rows travel in the checkpoint
+    "subcenter3": {"head.sub_centers": 3, "head.track_updates": True},
+    # Unicom: the count of dimension draws travels in the checkpoint, the next draw is the same
+    "unicom-q05": {"head.dim_sample_rate": 0.5, "optim.gradient_accumulation_steps": 2},
 }
 
 
