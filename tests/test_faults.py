@@ -383,19 +383,19 @@ def _nbrun_cli(*args: str):
 
 # ------------------------------------------------------------------------------------ the table
 # Bad inputs by area (test_the_table_counts_every_area keeps these numbers true):
-#   head          PartialFC construction, forward, optimizer, state dicts     16
-#   margins       pfclib.margins.create                                       9
-#   config        TrainConfig from dicts and YAML files, the trainer's checks 17
+#   head          PartialFC construction, forward, optimizer, state dicts     20
+#   margins       pfclib.margins.create                                      11
+#   config        TrainConfig from dicts and YAML files, the trainer's checks 21
 #   data          build_dataset: folder, recordio, hf, imagefolder_hf         22
 #   checkpoints   load / save / load_backbone / resume                       10
 #   verification  .bin files, write_bin, check_usable                         12
 #   pairs         python -m pfclib.data.pairs                                  5
 #   nbrun         pfcrepro.nbrun: run_notebook and its command line            7
-#   total                                                                     98
+#   total                                                                    108
 AREA_COUNTS = {
-    "head": 16,
-    "margins": 9,
-    "config": 17,
+    "head": 20,
+    "margins": 11,
+    "config": 21,
     "data": 22,
     "checkpoints": 10,
     "verification": 12,
@@ -442,6 +442,15 @@ BAD_INPUTS: list[Case] = [
     Case("head-state-of-another-head", "head",
          lambda t: _head().load_full_state_dict(_head(num_classes=12).full_state_dict()), ValueError,
          r"full state dict is for C=12, D=8; this head has C=10, D=8"),
+    Case("head-sub-centers-zero", "head", lambda t: _head(sub_centers=0), ValueError,
+         r"sub_centers must be a positive integer, got 0"),
+    Case("head-dim-sample-rate-above-one", "head", lambda t: _head(dim_sample_rate=1.5), ValueError,
+         r"dim_sample_rate must be a number in \(0, 1\], got 1\.5"),
+    Case("head-dim-sample-rate-keeps-nothing", "head", lambda t: _head(dim_sample_rate=0.1), ValueError,
+         r"dim_sample_rate=0\.1 keeps int\(0\.1 \* 8\) = 0 of the 8 embedding dimensions; it must keep at least one"),
+    Case("head-dims-out-of-range", "head",
+         lambda t: _head(dim_sample_rate=0.5)(_emb(), _LABELS4, dims=torch.tensor([0, 1, 3, 9])), ValueError,
+         r"dims must lie in \[0, 8\), got \[0, 9\]"),
     # ---- margins.create
     Case("margin-unknown-name", "margins", _margin("arcfase"), ValueError,
          r"unknown margin 'arcfase'; expected one of \['adaface', 'arcface', 'arcface_st', 'combined'"),
@@ -462,6 +471,11 @@ BAD_INPUTS: list[Case] = [
     Case("margin-straight-through-text", "margins",
          _margin({"name": "arcface", "straight_through": "yes"}), TypeError,
          r"straight_through must be a bool \(true or false\), got str: 'yes'"),
+    Case("margin-adaface-negative-h", "margins", _margin({"name": "adaface", "h": -1.0}), ValueError,
+         r"margin 'adaface': h must be in \(0\.0, inf\), got -1\.0"),
+    Case("margin-npcface-margin-can-go-negative", "margins", _margin({"name": "npcface", "m0": 0.1, "m1": 0.2}),
+         ValueError, r"margin 'npcface': m_i = m0 \+ m1·\(mean hard cosine in \[-1, 1\]\) must stay in \[0, pi\), "
+         r"got m0=0\.1, m1=0\.2"),
     # ---- config: TrainConfig
     Case("config-unknown-key", "config", _config({"optim": {"lrr": 0.1}}), ValueError,
          r"unknown key\(s\) \['optim\.lrr'\] in optim; valid keys: \[.*'lr'"),
@@ -497,6 +511,14 @@ BAD_INPUTS: list[Case] = [
          r"mixed_precision='fp16' needs a CUDA device .* set mixed_precision to 'bf16' or 'no'", outputs=("run",)),
     Case("config-margin-name-unchecked", "config", _config({"head": {"margin": {"name": "arcfce"}}}),
          ValueError, r"head.margin: .*unknown margin 'arcfce'"),
+    Case("config-sub-centers-text", "config", _config({"head": {"sub_centers": "3"}}), TypeError,
+         r"head\.sub_centers must be int, got str: '3'"),
+    Case("config-dim-sample-rate-zero", "config", _config({"head": {"dim_sample_rate": 0}}), ValueError,
+         r"head\.dim_sample_rate must be a number in \(0, 1\], got 0"),
+    Case("config-quality-weight-zero", "config", _config({"quality": {"enabled": True, "weight": 0}}),
+         ValueError, r"quality\.weight must be a finite number > 0 \(lambda of the quality loss\), got 0"),
+    Case("config-quality-eps-too-large", "config", _config({"quality": {"eps": 1.5}}), ValueError,
+         r"quality\.eps must be in \[0, 1\) \(it keeps NNCCS \+ 1 \+ eps above 0\), got 1\.5"),
     # ---- data readers: build_dataset
     Case("data-kind-unknown", "data", _dataset("tfrecord", "x"), ValueError,
          r"unknown dataset kind 'tfrecord'; expected one of \['synthetic', 'recordio', 'folder'"),
