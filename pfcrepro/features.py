@@ -189,6 +189,8 @@ class World:
         flipped: ``(n,)`` bool, the sample's label was flipped.
         pair_a, pair_b: ``(num_pairs, feature_dim)`` float32 features of the two sides of each pair.
         issame: ``(num_pairs,)`` bool, genuine pair.
+        pair_identity_a, pair_identity_b: ``(num_pairs,)`` int64 held-out identity of each side
+            (for per-identity error rates, :func:`pfclib.eval.opis`).
         sizes: ``(num_classes,)`` int64 training samples per label (after noise), computed.
     """
 
@@ -201,6 +203,8 @@ class World:
     pair_a: torch.Tensor
     pair_b: torch.Tensor
     issame: torch.Tensor
+    pair_identity_a: torch.Tensor
+    pair_identity_b: torch.Tensor
 
     @property
     def sizes(self) -> torch.Tensor:
@@ -314,6 +318,8 @@ def make_world(config: FeatureWorld | Mapping[str, Any]) -> World:
         pair_a=held[ia[order]].contiguous(),
         pair_b=held[ib[order]].contiguous(),
         issame=issame[order],
+        pair_identity_a=ia[order] // hp,
+        pair_identity_b=ib[order] // hp,
     )
 
 
@@ -362,6 +368,9 @@ class TrainSettings:
     width: int = 256
     depth: int = 2
     sample_rate: float = 1.0
+    sub_centers: int = 1
+    dim_sample_rate: float = 1.0
+    eval_dims: tuple[int, ...] = ()
     margin: Mapping[str, Any] | str = dataclasses.field(
         default_factory=lambda: {"name": "cosface", "s": 32.0, "m": 0.3}
     )
@@ -388,9 +397,18 @@ class TrainSettings:
         return dataclasses.replace(self, **changes)
 
 
-def evaluate(backbone: nn.Module, world: World, fars: tuple[float, ...] = (1e-3, 1e-4)) -> dict[str, Any]:
-    """Verification of the held-out pairs by :func:`pfclib.eval.evaluate_pairs` (eval mode, no grad)."""
-    from pfclib.eval import evaluate_pairs
+def evaluate(
+    backbone: nn.Module,
+    world: World,
+    fars: tuple[float, ...] = (1e-3, 1e-4),
+    eval_dims: tuple[int, ...] = (),
+    opis_levels: tuple[float, ...] = (1e-2, 1e-3),
+) -> dict[str, Any]:
+    """Verification of the held-out pairs by :func:`pfclib.eval.evaluate_pairs` (eval mode, no grad),
+    plus ``opis`` (:func:`pfclib.eval.opis` at ``opis_levels``: how much the per-identity error rates
+    at one global threshold vary) and, for each ``d`` in ``eval_dims``, ``acc@{d}d``: the accuracy
+    of the embeddings truncated to their first ``d`` dimensions (a compact embedding)."""
+    from pfclib.eval import evaluate_pairs, opis, pair_scores
 
     was_training = backbone.training
     backbone.eval()
@@ -398,7 +416,19 @@ def evaluate(backbone: nn.Module, world: World, fars: tuple[float, ...] = (1e-3,
         a = torch.cat([backbone(x) for x in world.pair_a.split(8192)])
         b = torch.cat([backbone(x) for x in world.pair_b.split(8192)])
     backbone.train(was_training)
-    return evaluate_pairs(a.numpy(), b.numpy(), world.issame.numpy(), fars=fars)
+    result = evaluate_pairs(a.numpy(), b.numpy(), world.issame.numpy(), fars=fars)
+    levels = [f for f in opis_levels if math.ceil(1.0 / f) <= result["num_impostor"]]
+    result["opis"] = None  # too few impostor pairs for every level
+    if levels:
+        scores = pair_scores(a.numpy(), b.numpy())
+        ids = (world.pair_identity_a.numpy(), world.pair_identity_b.numpy())
+        result["opis"] = opis(scores, world.issame.numpy(), *ids, far_levels=levels)["opis"]
+    for d in eval_dims:
+        if not 1 <= int(d) <= a.shape[1]:
+            raise ValueError(f"eval_dims entries must be in [1, {a.shape[1]}], got {d!r}")
+        cut = evaluate_pairs(a[:, : int(d)].numpy(), b[:, : int(d)].numpy(), world.issame.numpy(), fars=fars)
+        result[f"acc@{int(d)}d"] = cut["acc"]
+    return result
 
 
 def _fit(
@@ -436,6 +466,8 @@ def _fit(
         update=s.update,
         track_updates=track_updates,
         seed=s.seed,
+        sub_centers=s.sub_centers,
+        dim_sample_rate=s.dim_sample_rate,
     )
     opt_b = torch.optim.SGD(backbone.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     opt_h = head.make_optimizer("sgd", lr=s.head_lr or s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
@@ -479,10 +511,12 @@ def _fit(
 def _result(
     world: World, s: TrainSettings, backbone: nn.Module, head: Any, losses: list[float], train_s: float
 ):
-    res = evaluate(backbone, world)
+    res = evaluate(backbone, world, eval_dims=tuple(s.eval_dims))
     tail = losses[-max(1, len(losses) // 10) :] if losses else [float("nan")]
     return {
         "acc": res["acc"],
+        "opis": res.get("opis"),
+        **{k: v for k, v in res.items() if k.startswith("acc@")},
         "acc_std": res["acc_std"],
         "auc": res["auc"],
         "tar@1e-3": res["tar_at_far"].get("1e-3"),

@@ -204,3 +204,46 @@ def test_train_tracked_counts_updates_and_movement(monkeypatch):
     # the passive rate is what the sampler implies (~ (k - E[P]) / (C - E[P]) for a non-positive)
     _, passive = expected_update_rates(world.sizes.numpy(), 32, 0.1)
     assert abs(sparse["passive"].mean() / 40 - passive.mean()) < 0.1 * passive.mean()
+
+
+def test_pair_identities_truncated_accuracy_and_opis_come_from_the_pairs():
+    world = fx.make_world(fx.FeatureWorld(**SMALL))
+    # genuine pairs have one identity, impostor pairs two; the features of equal identities come
+    # from the same held-out block of heldout_samples rows
+    same = world.pair_identity_a == world.pair_identity_b
+    assert torch.equal(same, world.issame)
+    assert int(world.pair_identity_a.max()) < SMALL["heldout_identities"]
+    backbone = fx.MLPBackbone(world.config.feature_dim, 16, 32, 1).eval()
+    res = fx.evaluate(backbone, world, eval_dims=(4, 16))
+    # d = all dimensions is the full accuracy; the truncated one is computed on the first d columns
+    assert res["acc@16d"] == res["acc"]
+    from pfclib.eval import evaluate_pairs, opis, pair_scores
+
+    with torch.no_grad():
+        a, b = backbone(world.pair_a), backbone(world.pair_b)
+    assert res["acc@4d"] == evaluate_pairs(a[:, :4].numpy(), b[:, :4].numpy(), world.issame.numpy())["acc"]
+    scores = pair_scores(a.numpy(), b.numpy())
+    ids = (world.pair_identity_a.numpy(), world.pair_identity_b.numpy())
+    assert res["opis"] == opis(scores, world.issame.numpy(), *ids, far_levels=(1e-2, 1e-3))["opis"]
+    # levels the pairs cannot support are left out; none supported -> None
+    few = fx.make_world(fx.FeatureWorld(**{**SMALL, "num_pairs": 40}))
+    assert fx.evaluate(backbone, few)["opis"] is None
+    with pytest.raises(ValueError, match=r"eval_dims entries must be in \[1, 16\], got 17"):
+        fx.evaluate(backbone, world, eval_dims=(17,))
+
+
+def test_sub_centers_and_dimension_sampling_reach_the_head():
+    world = fx.make_world(fx.FeatureWorld(**SMALL))
+    base = {"steps": 3, "batch_size": 32, "embedding_size": 16, "width": 32, "warmup_steps": 1}
+    seen = {}
+
+    def on_start(head):
+        seen["head"] = head
+
+    settings = fx.TrainSettings.from_dict({**base, "sub_centers": 3, "dim_sample_rate": 0.5})
+    fx._fit(world, settings, on_start=on_start)
+    head = seen["head"]
+    assert head.sub_centers == 3 and head.num_dims == 8
+    assert head.weight.shape == (SMALL["num_identities"] * 3, 16)
+    res = fx.train(world, {**base, "eval_dims": (8,)})
+    assert {"acc", "acc@8d", "opis"} <= set(res)
