@@ -28,13 +28,18 @@ FACTORS = ("blur_sigma", "noise_std", "pose_deg", "occluded")
 def pair_truth(path: str | Path) -> pd.DataFrame:
     """The truth columns of a synthetic data set's pairs (``<path>/pairs`` or the pairs folder):
     one row per pair, ``<factor>_a`` / ``<factor>_b`` for each of :data:`FACTORS`, plus ``index_a``,
-    ``index_b`` (the held-out image of each side). Raises ``ValueError`` naming the missing columns
+    ``index_b`` (the held-out image of each side) and ``identity_a``, ``identity_b``. Raises ``ValueError`` naming the missing columns
     when the set was generated without the truth (an older data set)."""
     from pfclib.data.hf import offline
 
     path = Path(path)
     folder = path / "pairs" if (path / "pairs").is_dir() else path
-    wanted = [f"{f}_{side}" for f in FACTORS for side in "ab"] + ["index_a", "index_b"]
+    wanted = [f"{f}_{side}" for f in FACTORS for side in "ab"] + [
+        "index_a",
+        "index_b",
+        "identity_a",
+        "identity_b",
+    ]
     with offline() as datasets:
         ds = datasets.load_from_disk(str(folder))
     missing = sorted(set(wanted) - set(ds.column_names))
@@ -80,11 +85,13 @@ def score_run(
     ``auc_erc_random``; ``rho_<factor>``: Spearman's rank correlation between an image's quality and
     the factor over the distinct held-out images (a quality that tracks a degradation is negative);
     ``tmr_clean`` / ``tmr_degraded``: the true-match rate at the threshold of genuine pairs whose two
-    images carry no degradation / at least one; ``quality_mean``; ``erc`` (the two curves, lists).
+    images have neither blur nor occluder / at least one of them; ``opis`` (:func:`pfclib.eval.opis`
+    at ``fmr``: how much per-identity error rates vary at that threshold); ``quality_mean``; ``erc``
+    (the two curves, lists).
     """
     from scipy.stats import spearmanr
 
-    from pfclib.eval import embed, error_vs_reject, pair_scores, random_reject_baseline
+    from pfclib.eval import embed, error_vs_reject, opis, pair_scores, random_reject_baseline
     from pfclib.quality import load_quality_model, score_images
 
     if len(truth) * 2 != pairs.images.shape[0]:
@@ -114,6 +121,8 @@ def score_run(
         "quality_mean": float(quality.mean()),
         "threshold": float(by_quality["threshold"]),
     }
+    identities = (truth["identity_a"].to_numpy(), truth["identity_b"].to_numpy())
+    row["opis"] = float(opis(scores, issame, *identities, far_levels=(fmr,))["opis"])
     row["gain_quality"] = fnmr - row["fnmr_quality"]
     row["gain_random"] = fnmr - row["fnmr_random"]
     for factor in FACTORS:
