@@ -89,6 +89,9 @@ class TrainLog:
         start_step, end_step, total_steps: this run's range of optimizer steps.
         resumed: True when the run continues a checkpoint (the CSV keeps its earlier rows).
         images_per_step: global images per optimizer step.
+        extra_losses: names of the run's other per-step losses (e.g. ``"quality_loss"`` with
+            CR-FIQA's branch): a CSV column and a TensorBoard scalar ``train/<name>`` each, filled
+            from :meth:`step`'s ``extra``.
         stream: where console lines go (default: ``sys.stdout``, flushed per line).
     """
 
@@ -104,11 +107,13 @@ class TrainLog:
         total_steps: int,
         resumed: bool,
         images_per_step: int,
+        extra_losses: Sequence[str] = (),
         stream=None,
     ):
         self.config, self.out_dir, self.active = config, out_dir, active
         self.start_step, self.end_step, self.total_steps = start_step, end_step, total_steps
         self.images_per_step = images_per_step
+        self.extra_losses = list(extra_losses)
         self.stream = stream
         self.csv = self.tb = None
         self.train_time = 0.0
@@ -121,7 +126,8 @@ class TrainLog:
         if not active:
             return
         if config.log.csv:
-            fields = ["step", "epoch", "loss", "lr", "head_lr", "grad_norm", "samples_per_s", "elapsed_s"]
+            fields = ["step", "epoch", "loss", *self.extra_losses, "lr", "head_lr", "grad_norm"]
+            fields += ["samples_per_s", "elapsed_s"]
             fields += [f"{n}/{k}" for n in vnames for k in ("acc", "acc_std", "auc")]
             self.csv = CsvLog(out_dir / "log.csv", fields, start_step if resumed else None)
         if config.log.tensorboard:
@@ -160,11 +166,15 @@ class TrainLog:
         epoch: float,
         seconds: float,
         verification: dict[str, dict] | None = None,
+        extra: dict[str, float] | None = None,
     ) -> None:
         """Record optimizer step ``done`` (steps completed) that took ``seconds``; ``verification``
-        is the evaluation made after it, if any."""
+        is the evaluation made after it, if any; ``extra`` the values of ``extra_losses``."""
         if not self.active:
             return
+        extra = dict(extra or {})
+        if set(extra) != set(self.extra_losses):
+            raise ValueError(f"step {done}: extra losses {sorted(extra)} given, {self.extra_losses} expected")
         self.train_time += seconds
         self._window_time += seconds
         self._window_steps += 1
@@ -179,14 +189,16 @@ class TrainLog:
         if self.plain:
             steps_run = done - self.start_step
             eta = (self.end_step - done) * self.train_time / max(steps_run, 1)
+            others = "".join(f"  {name} {value:.4f}" for name, value in extra.items())
             self.say(
-                f"step {done}/{self.end_step}  loss {loss:.4f}  lr {lr:.4g}  head_lr {head_lr:.4g}  "
+                f"step {done}/{self.end_step}  loss {loss:.4f}{others}  lr {lr:.4g}  head_lr {head_lr:.4g}  "
                 f"{rate:,.0f} img/s  elapsed {format_duration(self.train_time)}  ETA {format_duration(eta)}"
             )
         row = {
             "step": done,
             "epoch": f"{epoch:.4f}",
             "loss": f"{loss:.6f}",
+            **{name: f"{value:.6f}" for name, value in extra.items()},
             "lr": f"{lr:.6g}",
             "head_lr": f"{head_lr:.6g}",
             "grad_norm": f"{grad_norm:.6g}",
@@ -201,6 +213,8 @@ class TrainLog:
             self.csv.write(row)
         if self.tb is not None:
             self.tb.add_scalar("train/loss", loss, done)
+            for name, value in extra.items():
+                self.tb.add_scalar(f"train/{name}", value, done)
             self.tb.add_scalar("train/lr", lr, done)
             self.tb.add_scalar("train/samples_per_s", rate, done)
             for name, res in (verification or {}).items():

@@ -486,6 +486,7 @@ def _run(config: TrainConfig, callback, accelerator, out_dir: Path) -> dict[str,
         total_steps=total_steps,
         resumed=resume_path is not None,
         images_per_step=images_per_step,
+        extra_losses=["quality_loss"] if quality is not None else [],
     )
     log.say(
         f"training {config.backbone} + PartialFC(C={num_classes:,}, r={config.head.sample_rate}, "
@@ -585,6 +586,7 @@ def _run(config: TrainConfig, callback, accelerator, out_dir: Path) -> dict[str,
                 epoch=micro_index(done) / order.batches_per_epoch,
                 seconds=seconds,
                 verification=evaluated,
+                extra={"quality_loss": step_quality} if quality is not None else None,
             )
             if _due(done, config.checkpoint.every, total_steps, config.checkpoint.at_end):
                 metrics_so_far = {"loss_history": list(loss_history), "start_step": start_step}

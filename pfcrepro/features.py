@@ -562,8 +562,8 @@ def train_tracked(
     * ``active``: steps in which the class was a positive of the batch (its center pulled);
     * ``passive``: steps in which it was a sampled negative only (pushed: it received a gradient as
       a negative) -- the head's ``active_updates`` / ``passive_updates``;
-    * ``moved``: steps in which the class's center row actually changed (exact comparison of the
-      row after each optimizer step with its value before it). Recorded only for ``track_classes``
+    * ``moved``: steps in which the class's center actually changed (exact comparison of its row,
+      or with sub-centers any of its K rows, after each optimizer step with its value before it). Recorded only for ``track_classes``
       (NaN for the others), at the cost of copying those rows once per step. ``None`` tracks the
       :data:`DEFAULT_TRACKED` classes with the fewest samples (ties by label): the tail.
 
@@ -596,11 +596,11 @@ def train_tracked(
     previous: list[torch.Tensor] = []  # the tracked rows before the step about to be taken
 
     def on_start(head: Any) -> None:
-        previous.append(head.centers(rows))
+        previous.append(head.class_centers(rows))
 
-    def after_step(head: Any) -> None:
-        current = head.centers(rows)
-        moved.add_((current != previous[0]).any(dim=1))
+    def after_step(head: Any) -> None:  # a class moved when any of its K sub-center rows changed
+        current = head.class_centers(rows)
+        moved.add_((current != previous[0]).flatten(1).any(dim=1))
         previous[0] = current
 
     backbone, head, losses, train_s = _fit(

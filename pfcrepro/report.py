@@ -125,11 +125,20 @@ def to_records(df: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
-def comparison_text(row: Mapping[str, Any], level: str, treatment: str, baseline: str) -> str:
+ACCURACY_UNIT = "verification acc %"
+"""The unit of a comparison's value unless its ``unit`` says otherwise (fractions shown x 100)."""
+
+
+def comparison_text(
+    row: Mapping[str, Any], level: str, treatment: str, baseline: str, unit: str = ACCURACY_UNIT
+) -> str:
     """The ``measured`` cell of a headline from one row of :func:`pfcrepro.stats.judge`: both arms'
-    accuracy, the paired difference with its interval, the number of seeds and the resolution of the
-    design (interval half-width), all in accuracy points, prefixed by the instrument ``level``
-    (e.g. ``"features, C=100,000"`` or ``"images, C=2,000"``)."""
+    value, the paired difference with its interval, the number of seeds and the resolution of the
+    design (interval half-width), prefixed by the instrument ``level`` (e.g. ``"features,
+    C=100,000"`` or ``"images, C=2,000"``). Values are fractions shown in points (x 100); ``unit``
+    names what they measure (verification accuracy unless told, e.g. ``"FNMR gain, %"``)."""
+    if not unit or not isinstance(unit, str):
+        raise ValueError(f"unit must be a non-empty string naming the measured value, got {unit!r}")
     if math.isfinite(row["low"]):
         interval = f"95% CI [{100 * row['low']:+.2f}, {100 * row['high']:+.2f}]"
         resolves = f", resolves +-{100 * row['half_width']:.2f} pp"
@@ -137,7 +146,7 @@ def comparison_text(row: Mapping[str, Any], level: str, treatment: str, baseline
         interval, resolves = "(one seed: no interval)", ""
     return (
         f"[{level}] {baseline} {100 * row['baseline']:.2f} vs {treatment} {100 * row['treatment']:.2f} "
-        f"(verification acc %); diff {100 * row['mean']:+.2f} pp, {interval}, {int(row['n'])} seeds{resolves}"
+        f"({unit}); diff {100 * row['mean']:+.2f} pp, {interval}, {int(row['n'])} seeds{resolves}"
     )
 
 
@@ -148,7 +157,7 @@ def claim_headlines(
 
     Every comparison that carries ``claim`` and ``paper`` texts becomes one row: the measured cell by
     :func:`comparison_text` (arms named by the ``method`` of treatment and baseline, prefixed by
-    ``level``), the verdict from ``judged``. Comparisons without a ``claim`` (controls, secondary
+    ``level``, in the comparison's ``unit`` if it has one), the verdict from ``judged``. Comparisons without a ``claim`` (controls, secondary
     contrasts) are left out of the README but stay in the notebook's table.
     """
     rows = []
@@ -161,6 +170,11 @@ def claim_headlines(
         row = by_name[comp["name"]]
         names = [" ".join(str(v) for v in comp[side].values()) for side in ("treatment", "baseline")]
         rows.append(
-            headline(comp["claim"], comp["paper"], comparison_text(row, level, *names), row["verdict"])
+            headline(
+                comp["claim"],
+                comp["paper"],
+                comparison_text(row, level, *names, unit=comp.get("unit", ACCURACY_UNIT)),
+                row["verdict"],
+            )
         )
     return rows

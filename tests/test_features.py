@@ -204,6 +204,11 @@ def test_train_tracked_counts_updates_and_movement(monkeypatch):
     # the passive rate is what the sampler implies (~ (k - E[P]) / (C - E[P]) for a non-positive)
     _, passive = expected_update_rates(world.sizes.numpy(), 32, 0.1)
     assert abs(sparse["passive"].mean() / 40 - passive.mean()) < 0.1 * passive.mean()
+    # sub-centers: a class is tracked over its K rows (labels index classes, not weight rows), so
+    # labels beyond C / K are valid and a sparse class moves exactly when it is sampled
+    _, sub = fx.train_tracked(world, {**settings, "update": "sparse", "sub_centers": 3}, tail)
+    assert (sub.loc[tail, "moved"] == sub.loc[tail, "active"] + sub.loc[tail, "passive"]).all()
+    assert (sub.loc[tail, "active"] + sub.loc[tail, "passive"]).gt(0).any()
 
 
 def test_pair_identities_truncated_accuracy_and_opis_come_from_the_pairs():

@@ -40,14 +40,16 @@ def test_repository_gpu_quick_updates_the_gpu_blocks():
             if key not in override:
                 assert values[key] == gpu[key], (section, key)
         assert "profile" not in values
-    sr = merged["sample_rate"]
-    assert sr["train"]["device"] == "cuda" and sr["train"]["mixed_precision"] == "bf16"
-    assert sr["train"]["max_steps"] == quick["stages"]["sample_rate"]["train"]["max_steps"]
-    assert sr["train"]["backbone"] == params["sample_rate"]["gpu"]["train"]["backbone"]
+    q = merged["quality"]
+    assert q["train"]["device"] == "cuda" and q["train"]["mixed_precision"] == "bf16"
+    assert q["train"]["max_steps"] == quick["stages"]["quality"]["train"]["max_steps"]
+    assert q["train"]["backbone"] == params["quality"]["gpu"]["train"]["backbone"]
+    assert q["train"]["quality"]["enabled"] and q["train"]["checkpoint"]["at_end"], "06 scores the checkpoint"
+    assert set(q["generate"]) == {q["dataset"]}, "the quick data set is generated where the stage reads it"
     assert merged["memory_scaling"]["device"] == "cuda"
     on_cpu, _ = gpu_profile.quick_parameters(device="cpu")
-    assert on_cpu["sample_rate"]["train"]["device"] == "cpu"
-    assert on_cpu["sample_rate"]["train"]["mixed_precision"] == "no"
+    assert on_cpu["quality"]["train"]["device"] == "cpu"
+    assert on_cpu["quality"]["train"]["mixed_precision"] == "no"
     assert on_cpu["memory_scaling"]["device"] == "cpu"
 
 

@@ -275,7 +275,7 @@ def test_a_run_without_the_branch_has_none_and_cannot_be_resumed_with_it(tiny_da
 
 
 def test_stopped_and_resumed_run_with_the_branch_is_bitwise_identical(tiny_data, tmp_path):  # noqa: F811
-    extra = {**QUALITY_RUN, "max_steps": 4, "checkpoint.every": 2}
+    extra = {**QUALITY_RUN, "max_steps": 4, "checkpoint.every": 2, "log.every": 1}
     full = training_function(tiny_config(tiny_data, tmp_path / "full", **extra))
     cut_cfg = tiny_config(tiny_data, tmp_path / "cut", **extra)
     cut = training_function({**cut_cfg, "stop_after": 2})
@@ -285,6 +285,13 @@ def test_stopped_and_resumed_run_with_the_branch_is_bitwise_identical(tiny_data,
     assert resumed["quality_loss_history"] == full["quality_loss_history"][2:]
     assert cut["quality_loss_history"] == full["quality_loss_history"][:2]
     assert all(math.isfinite(v) and v > 0 for v in full["quality_loss_history"])
+    # the quality loss is logged beside the margin loss, and the resumed log equals the full one
+    for run in ("full", "cut"):
+        with (tmp_path / run / "log.csv").open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert [float(r["quality_loss"]) for r in rows] == pytest.approx(
+            full["quality_loss_history"], rel=1e-5
+        )
     assert_checkpoints_bitwise_equal(Path(full["checkpoint"]), Path(resumed["checkpoint"]))
     a, b = load_checkpoint(full["checkpoint"]), load_checkpoint(resumed["checkpoint"])
     assert a["quality"].keys() == {"linear.weight", "linear.bias"}
@@ -430,3 +437,30 @@ def test_error_versus_reject_from_the_branch_scores(tiny_data, quality_run):  # 
     assert erc["fnmr"][0] == np.mean(genuine < t)
     base = random_reject_baseline(scores, issame, fmr=fmr, reject_fractions=fractions, n_repeats=0)
     assert np.all(base["fnmr"] == erc["fnmr"][0])
+
+
+def test_the_log_names_each_extra_loss_in_the_csv_the_console_and_tensorboard(tmp_path):
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pfclib.config import TrainConfig
+    from pfclib.logs import TrainLog
+
+    cfg = TrainConfig.from_dict({"max_steps": 2, "log": {"every": 1, "tensorboard": True, "progress": "off"}})
+    console = io.StringIO()
+    log = TrainLog(cfg, tmp_path, active=True, vnames=[], start_step=0, end_step=2, total_steps=2,
+                   resumed=False, images_per_step=8, extra_losses=["quality_loss"], stream=console)  # fmt: skip
+    step = {"lr": 0.1, "head_lr": 0.1, "grad_norm": 1.0, "epoch": 0.5, "seconds": 0.01}
+    log.step(1, loss=3.0, extra={"quality_loss": 0.25}, **step)
+    with pytest.raises(ValueError, match=r"extra losses \[\] given, \['quality_loss'\] expected"):
+        log.step(2, loss=2.0, **step)
+    log.step(2, loss=2.0, extra={"quality_loss": 0.125}, **step)
+    log.close()
+    with (tmp_path / "log.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["quality_loss"]) for r in rows] == [0.25, 0.125]
+    assert "loss 3.0000  quality_loss 0.2500  lr" in console.getvalue()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/quality_loss")] == [0.25, 0.125]

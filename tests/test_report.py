@@ -54,3 +54,54 @@ def test_extrapolated_is_a_verdict_of_its_own():
     assert headline("c", "p", "m", "extrapolated")["verdict"] == "extrapolated"
     with pytest.raises(ValueError, match="verdict must be one of"):
         headline("c", "p", "m", "sort of")
+
+
+_ROW = {
+    "baseline": 0.9,
+    "treatment": 0.925,
+    "mean": 0.025,
+    "low": 0.01,
+    "high": 0.04,
+    "half_width": 0.015,
+    "n": 5,
+}
+
+
+def test_comparison_text_shows_points_interval_seeds_and_resolution():
+    text = report.comparison_text(_ROW, "features, C=10,000", "r=0.1", "r=1.0")
+    assert text == (
+        "[features, C=10,000] r=1.0 90.00 vs r=0.1 92.50 (verification acc %); diff +2.50 pp, "
+        "95% CI [+1.00, +4.00], 5 seeds, resolves +-1.50 pp"
+    )
+    single = report.comparison_text({**_ROW, "low": math.nan, "high": math.nan, "n": 1}, "x", "a", "b")
+    assert "(one seed: no interval)" in single and "resolves" not in single
+
+
+def test_comparison_text_names_the_unit_of_a_comparison():
+    """A headline about another measure (e.g. an FNMR gain) must not be labelled as accuracy."""
+    text = report.comparison_text(_ROW, "images", "quality", "random", unit="FNMR gain, %")
+    assert "(FNMR gain, %)" in text and "verification acc" not in text
+    with pytest.raises(ValueError, match="unit"):
+        report.comparison_text(_ROW, "images", "a", "b", unit="")
+
+
+def test_claim_headlines_carry_each_comparisons_unit_and_skip_controls():
+    judged = pd.DataFrame(
+        [
+            {**_ROW, "name": "control", "verdict": None},
+            {**_ROW, "name": "acc claim", "verdict": "reproduced"},
+            {**_ROW, "name": "gain claim", "verdict": "inconclusive"},
+        ]
+    )
+    arms = {"treatment": {"method": "t"}, "baseline": {"method": "b"}}
+    comparisons = [
+        {"name": "control", "kind": "control", **arms},
+        {"name": "acc claim", "claim": "c1", "paper": "p1", **arms},
+        {"name": "gain claim", "claim": "c2", "paper": "p2", "unit": "FNMR gain, %", **arms},
+    ]
+    rows = report.claim_headlines(judged, comparisons, "images")
+    assert [r["claim"] for r in rows] == ["c1", "c2"]
+    assert "(verification acc %)" in rows[0]["measured"] and rows[0]["verdict"] == "reproduced"
+    assert "(FNMR gain, %)" in rows[1]["measured"] and rows[1]["verdict"] == "inconclusive"
+    with pytest.raises(ValueError, match="no 'paper'"):
+        report.claim_headlines(judged, [{"name": "acc claim", "claim": "c", **arms}], "images")
