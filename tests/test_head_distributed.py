@@ -8,125 +8,40 @@ from pfclib.multiproc import run_gloo
 
 C, D = 11, 8  # odd C: the shards are [0, 6) and [6, 11)
 
+
+def _scenario(name, sizes, rate, update, chunk, margin, index, optimizer="head", **head):
+    """One case: the batch split ``sizes`` over the two ranks, the head's rate, update, chunk and
+    margin, the sampled global classes ``index`` (None: the head samples), which optimizer steps
+    (``"torch"``: torch's SGD on a dense gradient) and extra ``PartialFC`` arguments."""
+    return dict(name=name, sizes=sizes, rate=rate, update=update, chunk=chunk, margin=margin,
+                index=index, optimizer=optimizer, head=head)  # fmt: skip
+
+
+I8 = [0, 2, 3, 6, 7, 8, 9, 10]  # sampled classes with both shards represented
+I9 = [0, 1, 3, 4, 6, 7, 8, 9, 10]
+I9B = [0, 2, 3, 5, 6, 7, 8, 9, 10]
+ADA = {"name": "adaface", "alpha": 0.5, "h": 1.0}
+# fmt: off
 SCENARIOS = [
-    {
-        "name": "r1-dense",
-        "sizes": [4, 4],
-        "rate": 1.0,
-        "update": "dense",
-        "chunk": None,
-        "margin": "arcface",
-        "index": None,
-    },
-    {
-        "name": "r05-dense-unequal",
-        "sizes": [3, 5],
-        "rate": 0.5,
-        "update": "dense",
-        "chunk": None,
-        "margin": "cosface",
-        "index": [0, 2, 3, 6, 7, 8, 9, 10],
-    },
-    {
-        "name": "r05-sparse-chunked",
-        "sizes": [4, 4],
-        "rate": 0.5,
-        "update": "sparse",
-        "chunk": 2,
-        "margin": {"name": "arcface_st", "filter_threshold": 0.3},
-        "index": [0, 1, 3, 4, 6, 7, 8, 9, 10],
-    },
+    _scenario("r1-dense", [4, 4], 1.0, "dense", None, "arcface", None),
+    _scenario("r05-dense-unequal", [3, 5], 0.5, "dense", None, "cosface", I8),
+    _scenario("r05-sparse-chunked", [4, 4], 0.5, "sparse", 2, {"name": "arcface_st", "filter_threshold": 0.3}, I9),
     # per-row margins: AdaFace's statistics of the global batch, NPCFace's hard negatives of all ranks
-    {
-        "name": "adaface-r05-lazy-unequal",
-        "sizes": [3, 5],
-        "rate": 0.5,
-        "update": "dense",
-        "chunk": None,
-        "margin": {"name": "adaface", "alpha": 0.5, "h": 1.0},
-        "index": [0, 2, 3, 6, 7, 8, 9, 10],
-    },
-    {
-        "name": "adaface-r1-sparse-chunked",
-        "sizes": [4, 4],
-        "rate": 1.0,
-        "update": "sparse",
-        "chunk": 3,
-        "margin": "adaface",
-        "index": None,
-    },
-    {
-        "name": "npcface-r05-torch-sgd",
-        "sizes": [3, 5],
-        "rate": 0.5,
-        "update": "dense",
-        "chunk": None,
-        "margin": "npcface",
-        "index": [0, 1, 3, 6, 7, 8, 9, 10],
-        "optimizer": "torch",
-    },
-    {
-        "name": "npcface-r05-lazy",
-        "sizes": [4, 4],
-        "rate": 0.5,
-        "update": "dense",
-        "chunk": None,
-        "margin": {"name": "npcface", "filter_threshold": 0.6},
-        "index": [0, 2, 3, 5, 6, 7, 8, 9, 10],
-    },
-    {
-        "name": "npcface-r05-sparse-chunked",
-        "sizes": [4, 4],
-        "rate": 0.5,
-        "update": "sparse",
-        "chunk": 2,
-        "margin": "npcface",
-        "index": [0, 1, 3, 4, 6, 7, 8, 9, 10],
-    },
+    _scenario("adaface-r05-lazy-unequal", [3, 5], 0.5, "dense", None, ADA, I8),
+    _scenario("adaface-r1-sparse-chunked", [4, 4], 1.0, "sparse", 3, "adaface", None),
+    _scenario("npcface-r05-torch-sgd", [3, 5], 0.5, "dense", None, "npcface", [0, 1, 3, 6, 7, 8, 9, 10], "torch"),
+    _scenario("npcface-r05-lazy", [4, 4], 0.5, "dense", None, {"name": "npcface", "filter_threshold": 0.6}, I9B),
+    _scenario("npcface-r05-sparse-chunked", [4, 4], 0.5, "sparse", 2, "npcface", I9),
     # Sub-center ArcFace (a rank owns whole classes with their K rows) and Unicom's kept dimensions
     # (the head draws them itself: every rank must draw the same ones)
-    {
-        "name": "subcenter3-r05-lazy-unequal",
-        "sizes": [3, 5],
-        "rate": 0.5,
-        "update": "dense",
-        "chunk": None,
-        "margin": "arcface",
-        "index": [0, 2, 3, 6, 7, 8, 9, 10],
-        "head": {"sub_centers": 3},
-    },
-    {
-        "name": "subcenter2-unicom05-npcface-sparse-chunked",
-        "sizes": [4, 4],
-        "rate": 0.5,
-        "update": "sparse",
-        "chunk": 2,
-        "margin": "npcface",
-        "index": [0, 1, 3, 4, 6, 7, 8, 9, 10],
-        "head": {"sub_centers": 2, "dim_sample_rate": 0.5},
-    },
-    {
-        "name": "unicom05-adaface-torch-sgd",
-        "sizes": [3, 5],
-        "rate": 1.0,
-        "update": "dense",
-        "chunk": None,
-        "margin": {"name": "adaface", "alpha": 0.5, "h": 1.0},
-        "index": None,
-        "optimizer": "torch",
-        "head": {"dim_sample_rate": 0.5},
-    },
-    {
-        "name": "subcenter3-unicom05-lazy",
-        "sizes": [4, 4],
-        "rate": 0.5,
-        "update": "dense",
-        "chunk": None,
-        "margin": "cosface",
-        "index": [0, 2, 3, 5, 6, 7, 8, 9, 10],
-        "head": {"sub_centers": 3, "dim_sample_rate": 0.5},
-    },
+    _scenario("subcenter3-r05-lazy-unequal", [3, 5], 0.5, "dense", None, "arcface", I8, sub_centers=3),
+    _scenario("subcenter2-unicom05-npcface-sparse-chunked", [4, 4], 0.5, "sparse", 2, "npcface", I9,
+              sub_centers=2, dim_sample_rate=0.5),
+    _scenario("unicom05-adaface-torch-sgd", [3, 5], 1.0, "dense", None, ADA, None, "torch", dim_sample_rate=0.5),
+    _scenario("subcenter3-unicom05-lazy", [4, 4], 0.5, "dense", None, "cosface", I9B, sub_centers=3,
+              dim_sample_rate=0.5),
 ]
+# fmt: on
 
 
 def _batch(sizes):
@@ -147,7 +62,7 @@ def _make_head(sc):
         margin=sc["margin"],
         dtype=torch.float64,
         seed=1,
-        **sc.get("head", {}),
+        **sc["head"],
     )
 
 
@@ -182,9 +97,7 @@ def _worker(rank, world_size, scenarios):
         if sc["index"] is not None:
             gi = torch.tensor(sc["index"])
             index = gi[(gi >= head.start) & (gi < head.start + head.n_local)] - head.start
-        loss, emb_grad, w_grad, opt = _step(
-            head, emb[lo:hi], labels[lo:hi], index, sc.get("optimizer", "head")
-        )
+        loss, emb_grad, w_grad, opt = _step(head, emb[lo:hi], labels[lo:hi], index, sc["optimizer"])
         full = head.full_state_dict(opt)
         out.append(
             {
@@ -213,12 +126,12 @@ def test_two_processes_equal_one_process():
         emb, labels = _batch(sc["sizes"])
         single = _make_head(sc)
         index = None if sc["index"] is None else torch.tensor(sc["index"])
-        loss, emb_grad, w_grad, opt = _step(single, emb, labels, index, sc.get("optimizer", "head"))
+        loss, emb_grad, w_grad, opt = _step(single, emb, labels, index, sc["optimizer"])
         single.sync()  # dense SGD is lazy: apply the pending updates before reading weight and state
         r0, r1 = per_rank[0][i], per_rank[1][i]
         tol = {"rtol": 1e-10, "atol": 1e-12}
         # Unicom: both ranks kept the dimensions one process keeps
-        if sc.get("head", {}).get("dim_sample_rate", 1.0) < 1.0:
+        if sc["head"].get("dim_sample_rate", 1.0) < 1.0:
             assert single.last_dims.numel() == D // 2
             assert torch.equal(r0["dims"], single.last_dims) and torch.equal(r1["dims"], single.last_dims)
         else:
