@@ -246,3 +246,58 @@ def test_notebook_defines_no_function(path):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
     ]
     assert not defined, f"{path.name} defines {defined}: logic belongs in pfcrepro (or pfclib), not in a cell"
+
+
+# ------------------------------------------------------------------ the profile's designs, at tiny sizes
+# nbval runs each notebook with its own tiny defaults; these run it with the cpu profile's design
+# (comparisons, arms, cells, the verdict and headline code that `dvc repro` runs) shrunk to seconds,
+# so a design the tiny defaults do not have (an instrument that skips some comparisons, say) is
+# exercised before an hour-long pipeline meets it.
+SIZE_KEYS = ("num_identities", "samples_per_class", "heldout_identities", "heldout_samples", "num_pairs",
+             "max_samples")  # fmt: skip
+DESIGN_SECTIONS = ["noise_robustness", "long_tail", "sample_rate", "quality", "unicom", "margins"]
+
+
+def tiny_design(section: str, tmp: Path) -> tuple[Path, dict]:
+    """The notebook of ``section`` and overrides that keep its cpu design but take every size
+    (worlds, steps, seeds, data sets) from the notebook's tiny defaults."""
+    from pfcrepro.nbrun import stage_parameters
+
+    (nb_path,) = [
+        p for p in NOTEBOOKS if stage_for(p)[1] and f"--section {section} " in stage_for(p)[1]["cmd"]
+    ]
+    tiny = parameters_of(json.loads(nb_path.read_text()))
+    cpu = stage_parameters(section, ROOT / "params.yaml", "cpu")
+    small = {}
+    if "feature_worlds" in cpu:
+        base = next(iter(tiny["feature_worlds"].values()))
+        sizes = {k: base[k] for k in SIZE_KEYS if k in base}
+        small["feature_worlds"] = {name: {**w, **sizes} for name, w in cpu["feature_worlds"].items()}
+    if "feature_world" in cpu:
+        small["feature_world"] = {
+            **cpu["feature_world"],
+            **{k: v for k, v in tiny["feature_world"].items() if k in SIZE_KEYS},
+        }
+    for key in ("feature_train", "train"):
+        if key in cpu:
+            small[key] = {**cpu[key], **tiny[key]}
+    for key in ("feature_seeds", "seeds", "data_dir", "generate", "runs_dir", "truncate"):
+        if key in cpu and key in tiny:
+            small[key] = tiny[key]
+    for key in ("data_dir", "runs_dir"):
+        if key in small:
+            small[key] = str(tmp / key)
+    return nb_path, small
+
+
+@pytest.mark.parametrize("section", DESIGN_SECTIONS)
+def test_notebook_runs_its_cpu_design_at_tiny_sizes(section, tmp_path):
+    from pfcrepro.nbrun import run_notebook
+
+    nb_path, small = tiny_design(section, tmp_path)
+    assert small, f"{section}: nothing to shrink; is it a training notebook?"
+    run_notebook(nb_path, section, tmp_path / "out", ROOT / "params.yaml", profile="cpu", extra=small)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["profile"] == "cpu" and metrics["headline"], (
+        f"{section}: the cpu design gave no headline row"
+    )
