@@ -120,9 +120,10 @@ def run_pairs(
 def _grid(args: argparse.Namespace) -> list[dict[str, Any]]:
     configs = []
     same_k = _same_k_rates(args.classes, args.sample_rates) if "sparse" in args.methods else {}
+    caps = {"baseline": args.baseline_max_classes, "linear": args.linear_max_classes}
     for c in args.classes:
         for method in args.methods:
-            if method == "baseline" and args.baseline_max_classes and c > args.baseline_max_classes:
+            if caps.get(method) and c > caps[method]:
                 continue
             rates = [1.0] if method == "linear" else args.sample_rates
             if method == "sparse":
@@ -228,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pair-classes", type=int, help="C of the paired comparisons (default: the largest)")
     parser.add_argument("--baseline-max-classes", type=int, help="skip the baseline above this C in the grid")
+    parser.add_argument(
+        "--linear-max-classes", type=int, help="skip the plain full softmax (linear) above this C in the grid"
+    )
     parser.add_argument("--pairs", type=int, default=5, help="alternating pairs per comparison (0: none)")
     parser.add_argument("--big", type=int, default=4_000_000, help="classes of the large run (0: skip)")
     parser.add_argument(

@@ -119,6 +119,20 @@ def test_benchmark_grid_adds_same_k_reference_points():
     assert bench._same_k_rates([1_000, 1_000_000], [0.1]) == {}
 
 
+def test_benchmark_grid_caps_the_baseline_and_the_plain_softmax_by_classes():
+    bench = _benchmark_script()
+    args = bench.argparse.Namespace(
+        classes=[100_000, 1_000_000], sample_rates=[0.1], methods=["linear", "baseline", "dense"],
+        baseline_max_classes=None, linear_max_classes=100_000, embedding_size=8, batch_size=4,
+        repeats=1, chunk_size=16, device="cpu", embedding_dtype="float32",
+    )  # fmt: skip
+    rows = {(c["method"], c["num_classes"]) for c in bench._grid(args)}
+    assert rows == {("linear", 100_000), ("baseline", 100_000), ("baseline", 1_000_000), ("dense", 100_000),
+                    ("dense", 1_000_000)}  # fmt: skip
+    args.baseline_max_classes = 100_000
+    assert ("baseline", 1_000_000) not in {(c["method"], c["num_classes"]) for c in bench._grid(args)}
+
+
 def test_baseline_and_default_take_low_precision_embeddings():
     for method in ("baseline", "dense"):
         rec = headbench.measure(
@@ -221,6 +235,7 @@ def test_gpu_preset_grid():
         embedding_dtype="float32",
         pair_classes=None,
         baseline_max_classes=None,
+        linear_max_classes=None,
     )
     bench._apply_presets(args)
     grid = bench._grid(args)
