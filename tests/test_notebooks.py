@@ -261,23 +261,22 @@ DESIGN_SECTIONS = ["noise_robustness", "long_tail", "sample_rate", "quality", "u
 def tiny_design(section: str, tmp: Path) -> tuple[Path, dict]:
     """The notebook of ``section`` and overrides that keep its cpu design but take every size
     (worlds, steps, seeds, data sets) from the notebook's tiny defaults."""
+    from pfcrepro.gpu_profile import notebook_stages
     from pfcrepro.nbrun import stage_parameters
 
-    (nb_path,) = [
-        p for p in NOTEBOOKS if stage_for(p)[1] and f"--section {section} " in stage_for(p)[1]["cmd"]
-    ]
+    nb_path = ROOT / notebook_stages()[section][0]
     tiny = parameters_of(json.loads(nb_path.read_text()))
     cpu = stage_parameters(section, ROOT / "params.yaml", "cpu")
     small = {}
-    if "feature_worlds" in cpu:
-        base = next(iter(tiny["feature_worlds"].values()))
-        sizes = {k: base[k] for k in SIZE_KEYS if k in base}
-        small["feature_worlds"] = {name: {**w, **sizes} for name, w in cpu["feature_worlds"].items()}
+
+    def sizes(world: dict) -> dict:
+        return {k: v for k, v in world.items() if k in SIZE_KEYS}
+
+    if "feature_worlds" in cpu:  # every world at the sizes of the notebook's first tiny world
+        tiny_sizes = sizes(next(iter(tiny["feature_worlds"].values())))
+        small["feature_worlds"] = {name: {**w, **tiny_sizes} for name, w in cpu["feature_worlds"].items()}
     if "feature_world" in cpu:
-        small["feature_world"] = {
-            **cpu["feature_world"],
-            **{k: v for k, v in tiny["feature_world"].items() if k in SIZE_KEYS},
-        }
+        small["feature_world"] = {**cpu["feature_world"], **sizes(tiny["feature_world"])}
     for key in ("feature_train", "train"):
         if key in cpu:
             small[key] = {**cpu[key], **tiny[key]}
