@@ -21,7 +21,11 @@ in alternating pairs of fresh processes (A B, B A, A B, ...) and are reported pe
 median ratio:
 
 * default (``dense``) against ``baseline`` at the largest C and the first rate: step time, peak memory;
-* ``dense`` at the largest C against the smallest C at the same k (flat in C);
+* ``dense`` at the largest C against the smallest C at the same k (flat in C): a time ratio only,
+  so each "pair" is one fresh process that builds both heads and interleaves their steps
+  (``--flat-repeats`` each). Measured in separate processes this ratio swung from ×0.85 to ×1.39
+  within one run: the memory-bound part of a step runs at one of two speeds for a process's whole
+  life, whatever the head (see :func:`pfcrepro.headbench.measure_interleaved`);
 * ``--big C``: the default head alone at C classes (4M by default) under a 24 GiB address-space
   limit; the baseline's need there is extrapolated from its measured per-class peak (running it
   would exhaust this machine's memory).
@@ -44,21 +48,33 @@ from typing import Any
 
 import torch
 
-from pfcrepro.headbench import GIB, METHODS, check_default_targets, describe_default_targets, measure
+from pfcrepro.headbench import (
+    GIB,
+    METHODS,
+    check_default_targets,
+    describe_default_targets,
+    measure,
+    measure_interleaved,
+)
 
 
 def run_isolated(
     config: dict[str, Any], timeout: float = 1800.0, memory_limit: int | None = None
-) -> dict[str, Any]:
+) -> dict[str, Any] | list[dict[str, Any]]:
     """Run :func:`measure` with ``config`` in a fresh Python process (its address space limited to
-    ``memory_limit`` bytes if given); return its record (or an error record)."""
+    ``memory_limit`` bytes if given); return its record (or an error record). A config
+    ``{"interleave": [config, ...], "repeats": n}`` runs :func:`measure_interleaved` over the
+    configs in that one process and returns one record (or error record) per config."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(config)]
     if memory_limit is not None:
         cmd += ["--memory-limit", str(int(memory_limit))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {**config, "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+        error = f"exit {proc.returncode}: {' | '.join(tail)}"
+        if "interleave" in config:
+            return [{**c, "error": error} for c in config["interleave"]]
+        return {**config, "error": error}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -114,6 +130,38 @@ def run_pairs(
                 f"C={b['num_classes']:,} {b.get('step_ms', float('nan')):.0f} ms"
             )
             log(f"pair {i + 1}/{pairs}: {shown}; ratio ×{entry['time_ratio'] or float('nan'):.3f}")
+    return out
+
+
+def run_interleaved_pairs(
+    first: dict[str, Any],
+    second: dict[str, Any],
+    pairs: int,
+    repeats: int,
+    runner=run_isolated,
+    log=print,
+) -> list[dict[str, Any]]:
+    """``pairs`` fresh processes, each building both configurations and interleaving ``repeats``
+    steps of each (:func:`pfcrepro.headbench.measure_interleaved`; which one steps first alternates
+    between processes). Entries as :func:`run_pairs`'s, ``time_ratio`` from the one process and
+    ``peak_ratio`` None (a process holding both heads has no peak of either)."""
+    out = []
+    strip = ("repeats",)
+    for i in range(pairs):
+        a_cfg, b_cfg = ({k: v for k, v in c.items() if k not in strip} for c in (first, second))
+        order = [a_cfg, b_cfg] if i % 2 == 0 else [b_cfg, a_cfg]
+        recs = runner({"interleave": order, "repeats": repeats})
+        a, b = (recs[0], recs[1]) if i % 2 == 0 else (recs[1], recs[0])
+        entry: dict[str, Any] = {"first": a, "second": b, "time_ratio": None, "peak_ratio": None}
+        if "error" not in a and "error" not in b:
+            entry["time_ratio"] = b["step_ms"] / a["step_ms"]
+        out.append(entry)
+        if log is not None:
+            log(
+                f"process {i + 1}/{pairs}: C={a['num_classes']:,} {a.get('step_ms', float('nan')):.1f} ms vs "
+                f"C={b['num_classes']:,} {b.get('step_ms', float('nan')):.1f} ms (interleaved); "
+                f"ratio ×{entry['time_ratio'] or float('nan'):.3f}"
+            )
     return out
 
 
@@ -198,7 +246,7 @@ def _apply_presets(args: argparse.Namespace) -> None:
     if args.quick:
         args.classes, args.sample_rates, args.embedding_size = [2000, 20000], [0.1], 64
         args.batch_size, args.repeats, args.chunk_size = 32, 2, 256
-        args.pairs, args.big = min(args.pairs, 2), 0
+        args.pairs, args.big, args.flat_repeats = min(args.pairs, 2), 0, 3
         if args.gpu:
             args.pair_classes = args.baseline_max_classes = 2000
 
@@ -233,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         "--linear-max-classes", type=int, help="skip the plain full softmax (linear) above this C in the grid"
     )
     parser.add_argument("--pairs", type=int, default=5, help="alternating pairs per comparison (0: none)")
+    parser.add_argument(
+        "--flat-repeats", type=int, default=16, help="interleaved steps per head in each flat-in-C process"
+    )
     parser.add_argument("--big", type=int, default=4_000_000, help="classes of the large run (0: skip)")
     parser.add_argument(
         "--memory-limit-gib", type=float, default=24.0, help="address-space limit of the large run"
@@ -249,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
             import resource
 
             resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
-        print(json.dumps(measure(**json.loads(args.worker))))
+        config = json.loads(args.worker)
+        if "interleave" in config:
+            result = measure_interleaved(config["interleave"], repeats=config["repeats"])
+        else:
+            result = measure(**config)
+        print(json.dumps(result))
         return 0
     _apply_presets(args)
     from pfclib.io import write_json
@@ -283,11 +339,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         k = int(rate * c_small)
         if c_small < c_large and k >= 1:
-            print(f"\ndefault at k={k:,}: C={c_small:,} vs C={c_large:,}, {args.pairs} alternating pairs:")
-            flat = run_pairs(
+            print(
+                f"\ndefault at k={k:,}: C={c_small:,} vs C={c_large:,}, {args.pairs} processes, "
+                f"{args.flat_repeats} interleaved steps each:"
+            )
+            flat = run_interleaved_pairs(
                 _config(args, "dense", c_small, rate),
                 _config(args, "dense", c_large, k / c_large),
                 args.pairs,
+                args.flat_repeats,
             )
     limit = int(args.memory_limit_gib * GIB)
     if args.big:

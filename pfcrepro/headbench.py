@@ -9,6 +9,8 @@ measure one training step of a head, each measurement point in a fresh process.
   head was built (the interpreter and torch libraries), reported next to the bytes of the head's own
   tensors (centers + optimizer state); on CUDA it is ``torch.cuda.max_memory_allocated``. Call it in
   a fresh process for a meaningful peak.
+* :func:`measure_interleaved` -- the step times of several heads built in one process, their
+  steps interleaved: the instrument for a time ratio between two configurations (why: its doc).
 * :func:`measure_in_subprocess` -- call a function by its dotted name in a fresh interpreter.
 * :func:`measure_head_grid` -- :func:`measure` per layout of one rank of a ``W``-rank job (data
   parallel, model parallel, Partial FC dense / sparse) and per class count; :func:`head_layouts`
@@ -34,10 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 __all__ = [
     "METHODS",
     "measure",
+    "measure_interleaved",
     "measure_in_subprocess",
     "head_layouts",
     "measure_head_grid",
@@ -69,46 +73,31 @@ def _warm_up(dev: torch.device) -> None:
         opt.step()
 
 
-def measure(
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _build(
     method: str,
     num_classes: int,
     sample_rate: float,
-    embedding_size: int = 512,
-    batch_size: int = 128,
-    repeats: int = 3,
-    warmup: int = 2,
-    device: str = "cpu",
-    chunk_size: int = 4096,
-    seed: int = 0,
-    embedding_dtype: str = "float32",
+    embedding_size: int,
+    device: str,
+    chunk_size: int,
+    seed: int,
+    embedding_dtype: str,
 ) -> dict[str, Any]:
-    """Build one head, run ``warmup`` + ``repeats`` training steps, return timings and memory.
-
-    ``embedding_dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``) is the dtype of the
-    embeddings handed to the head, as a mixed-precision backbone would; logits are fp32 either way.
-
-    Returns a dict with ``step_ms`` (median over repeats, milliseconds), ``step_ms_min``, ``step_ms_all``,
-    ``peak_bytes`` (see module doc), ``model_bytes`` (centers + optimizer state), ``k`` and the
-    configuration. Call it in a fresh process for a meaningful ``peak_bytes`` on CPU.
-    """
+    """One head of :func:`measure` ready to step: its weight, loss function, optimizer, k, device,
+    embedding dtype and the generator of its random batches."""
     from pfclib.head import PartialFC
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    dev = torch.device(device)
-    emb_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        embedding_dtype
-    )
+    emb_dtype = _DTYPES.get(embedding_dtype)
     if emb_dtype is None:
         raise ValueError(
             f"embedding_dtype must be 'float32', 'bfloat16' or 'float16', got {embedding_dtype!r}"
         )
-    torch.manual_seed(seed)
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
-    _warm_up(dev)  # load torch's lazily initialised kernels/threads so they are not counted as the head's
-    rss_before = _rss_bytes()
+    dev = torch.device(device)
     if method == "linear":
         head = torch.nn.Linear(embedding_size, num_classes, bias=False, device=dev)
         weight = head.weight
@@ -134,54 +123,162 @@ def measure(
         opt = head.make_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
         k = head.num_sampled if sample_rate < 1.0 else head.n_local
         loss_fn = head
-    gen = torch.Generator().manual_seed(seed)
-    times = []
-    for i in range(warmup + repeats):
-        x = torch.randn(batch_size, embedding_size, generator=gen).to(dev, emb_dtype).requires_grad_()
-        y = torch.randint(num_classes, (batch_size,), generator=gen).to(dev)
-        if cuda:
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        loss = loss_fn(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize(dev)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    return {
+        "weight": weight,
+        "loss_fn": loss_fn,
+        "opt": opt,
+        "k": k,
+        "dev": dev,
+        "emb_dtype": emb_dtype,
+        "gen": torch.Generator().manual_seed(seed),
+    }
+
+
+def _step(
+    built: dict[str, Any], num_classes: int, batch_size: int, embedding_size: int
+) -> tuple[float, Tensor]:
+    """One timed training step of a :func:`_build` head on a fresh random batch: (seconds, loss)."""
+    dev, gen = built["dev"], built["gen"]
+    x = torch.randn(batch_size, embedding_size, generator=gen).to(dev, built["emb_dtype"]).requires_grad_()
+    y = torch.randint(num_classes, (batch_size,), generator=gen).to(dev)
+    cuda = dev.type == "cuda"
     if cuda:
-        peak = torch.cuda.max_memory_allocated(dev)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    floor_ms = _compute_floor_ms(batch_size, k, embedding_size, dev)
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    loss = built["loss_fn"](x, y)
+    loss.backward()
+    built["opt"].step()
+    built["opt"].zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t0, loss
+
+
+def _record(
+    built: dict[str, Any], times: list[float], loss: Tensor, config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The fields :func:`measure` and :func:`measure_interleaved` share: configuration, k, step
+    times (ms), the compute floor, the bytes of the centers and of centers + optimizer state."""
+    weight, opt, dev = built["weight"], built["opt"], built["dev"]
+    method = config["method"]
     state_bytes = sum(
         v.numel() * v.element_size()
         for s in opt.state.values()
         for v in s.values()
         if isinstance(v, torch.Tensor)
     )
-    model_bytes = weight.numel() * weight.element_size() + state_bytes
     return {
         "method": method,
-        "num_classes": num_classes,
-        "sample_rate": 1.0 if method == "linear" else sample_rate,
-        "k": k,
-        "embedding_size": embedding_size,
-        "batch_size": batch_size,
+        "num_classes": config["num_classes"],
+        "sample_rate": 1.0 if method == "linear" else config["sample_rate"],
+        "k": built["k"],
+        "embedding_size": config["embedding_size"],
+        "batch_size": config["batch_size"],
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "step_ms": 1e3 * statistics.median(times),
         "step_ms_min": 1e3 * min(times),
         "step_ms_all": [1e3 * t for t in times],
-        "floor_ms": floor_ms,
-        "peak_bytes": int(peak),
-        "model_bytes": int(model_bytes),
+        "floor_ms": _compute_floor_ms(config["batch_size"], built["k"], config["embedding_size"], dev),
+        "model_bytes": int(weight.numel() * weight.element_size() + state_bytes),
         "centers_bytes": int(weight.numel() * weight.element_size()),
-        "chunk_size": chunk_size if method == "chunked" else None,
-        "embedding_dtype": embedding_dtype,
+        "chunk_size": config["chunk_size"] if method == "chunked" else None,
+        "embedding_dtype": config["embedding_dtype"],
         "loss": float(loss.detach()),
     }
+
+
+def measure(
+    method: str,
+    num_classes: int,
+    sample_rate: float,
+    embedding_size: int = 512,
+    batch_size: int = 128,
+    repeats: int = 3,
+    warmup: int = 2,
+    device: str = "cpu",
+    chunk_size: int = 4096,
+    seed: int = 0,
+    embedding_dtype: str = "float32",
+) -> dict[str, Any]:
+    """Build one head, run ``warmup`` + ``repeats`` training steps, return timings and memory.
+
+    ``embedding_dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``) is the dtype of the
+    embeddings handed to the head, as a mixed-precision backbone would; logits are fp32 either way.
+
+    Returns a dict with ``step_ms`` (median over repeats, milliseconds), ``step_ms_min``, ``step_ms_all``,
+    ``peak_bytes`` (see module doc), ``model_bytes`` (centers + optimizer state), ``k`` and the
+    configuration. Call it in a fresh process for a meaningful ``peak_bytes`` on CPU.
+    """
+    config = dict(locals())
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    _warm_up(dev)  # load torch's lazily initialised kernels/threads so they are not counted as the head's
+    rss_before = _rss_bytes()
+    built = _build(
+        method, num_classes, sample_rate, embedding_size, device, chunk_size, seed, embedding_dtype
+    )
+    times = []
+    for i in range(warmup + repeats):
+        seconds, loss = _step(built, num_classes, batch_size, embedding_size)
+        if i >= warmup:
+            times.append(seconds)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(dev)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    return {**_record(built, times, loss, config), "peak_bytes": int(peak)}
+
+
+def measure_interleaved(
+    configs: Sequence[Mapping[str, Any]], repeats: int = 16, warmup: int = 2
+) -> list[dict[str, Any]]:
+    """Step times of several heads built in ONE process, their steps interleaved: round ``i`` steps
+    every head once, in the given order on even rounds and reversed on odd ones. Returns one record
+    per config as :func:`measure` does, without ``peak_bytes`` (the process holds all the heads).
+
+    This is the instrument for a time ratio between configurations. On this project's shared
+    2-core machine the memory-bound part of a step (gathering and writing back the sampled rows)
+    runs in one of two speeds for the whole life of a process, about 2x apart in the optimizer
+    step, whatever the head; measured in separate processes, a ratio between two heads then
+    depends on which speed each process drew. Interleaved in one process, both heads share it.
+    Each config takes :func:`measure`'s keyword arguments except ``repeats`` and ``warmup``; the
+    first config's seed seeds torch's global generator."""
+    if len(configs) < 2:
+        raise ValueError(f"measure_interleaved needs at least 2 configs to compare, got {len(configs)}")
+    defaults = {"embedding_size": 512, "batch_size": 128, "device": "cpu", "chunk_size": 4096, "seed": 0,
+                "embedding_dtype": "float32"}  # fmt: skip
+    full = []
+    for cfg in configs:
+        unknown = set(cfg) - set(defaults) - {"method", "num_classes", "sample_rate"}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)} in config {dict(cfg)!r}")
+        full.append({**defaults, **cfg})
+    devices = {c["device"] for c in full}
+    for dev in devices:
+        _warm_up(torch.device(dev))
+    torch.manual_seed(full[0]["seed"])
+    built = [
+        _build(c["method"], c["num_classes"], c["sample_rate"], c["embedding_size"], c["device"],
+               c["chunk_size"], c["seed"], c["embedding_dtype"])
+        for c in full
+    ]  # fmt: skip
+    times: list[list[float]] = [[] for _ in full]
+    losses: list[Tensor | None] = [None] * len(full)
+    for i in range(warmup + repeats):
+        order = range(len(full)) if i % 2 == 0 else reversed(range(len(full)))
+        for j in order:
+            seconds, losses[j] = _step(
+                built[j], full[j]["num_classes"], full[j]["batch_size"], full[j]["embedding_size"]
+            )
+            if i >= warmup:
+                times[j].append(seconds)
+    return [
+        {**_record(b, t, loss, c), "interleaved": True} for b, t, loss, c in zip(built, times, losses, full)
+    ]
 
 
 def _baseline_head(num_classes: int, embedding_size: int, sample_rate: float, seed: int, dev: torch.device):
@@ -428,7 +525,8 @@ def check_default_targets(
     """The default head's targets from the paired runs: against the baseline (first = baseline,
     second = dense) a median speed-up >= 5 and a median peak ratio <= 0.55; the default's step
     (median over pairs) and the sparse head's (its ``records`` entry at the same C and r) within
-    x2.5 of the compute floor; flat in C (first = small C, second = large C, same k) within x1.2; at
+    x2.5 of the compute floor; flat in C (first = small C, second = large C, same k; separate or
+    interleaved in one process, ``interleaved`` says which) a median ratio within x1.2; at
     ``big`` classes the default's peak under ``memory_limit`` while the baseline's need (its
     measured peak per class x C) is over it.
 
@@ -474,6 +572,9 @@ def check_default_targets(
     if flat:
         ratios = [e["time_ratio"] for e in flat]
         out["flat_in_classes"] = {
+            "interleaved": all(
+                e["first"].get("interleaved") and e["second"].get("interleaved") for e in flat
+            ),
             "k": flat[0]["second"].get("k"),
             "small_classes": flat[0]["first"]["num_classes"],
             "large_classes": flat[0]["second"]["num_classes"],
@@ -517,9 +618,11 @@ def describe_default_targets(t: dict[str, Any]) -> list[str]:
     f = t.get("flat_in_classes")
     if f:
         ratios = ", ".join("–" if x is None else f"{x:.3f}" for x in f["ratio_per_pair"])
+        unit = "process, steps interleaved" if f.get("interleaved") else "pair"
         lines.append(
             f"- Default head at k = {f['k']:,}: step at C = {f['large_classes']:,} / C = {f['small_classes']:,} "
-            f"×{f['ratio_median']:.3f} (median; per pair {ratios}; target ≤ ×1.2 → {'met' if f['ok'] else 'NOT met'})"
+            f"×{f['ratio_median']:.3f} (median; per {unit} {ratios}; target ≤ ×1.2 → "
+            f"{'met' if f['ok'] else 'NOT met'})"
         )
     b = t.get("big")
     if b:

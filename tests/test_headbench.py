@@ -264,3 +264,64 @@ def test_floor_is_the_fastest_measured_and_covers_the_sparse_head():
     assert t["floor_ms"] == 80 and t["dense_over_floor_median"] == 2.0 and t["sparse_over_floor"] == 3.75
     assert not t["floor_ok"]  # the sparse head is over x2.5
     assert "×2.00 default, ×3.75 sparse" in headbench.describe_default_targets({"versus_baseline": t})[0]
+
+
+def test_measure_interleaved_steps_each_head_and_matches_separate_builds():
+    configs = [
+        {"method": "dense", "num_classes": 200, "sample_rate": 0.1, "embedding_size": 8, "batch_size": 4},
+        {"method": "dense", "num_classes": 2000, "sample_rate": 0.01, "embedding_size": 8, "batch_size": 4},
+    ]
+    recs = headbench.measure_interleaved(configs, repeats=3, warmup=1)
+    assert [(r["num_classes"], r["k"], len(r["step_ms_all"])) for r in recs] == [(200, 20, 3), (2000, 20, 3)]
+    assert all(r["interleaved"] and "peak_bytes" not in r for r in recs)
+    # each head draws its batches from its own generator, so interleaving changes no head's arithmetic:
+    # the last loss equals the one a separate measure() of the same head ends with
+    alone = headbench.measure(**configs[1], repeats=3, warmup=1)
+    assert recs[1]["loss"] == alone["loss"]
+    with pytest.raises(ValueError, match="at least 2 configs"):
+        headbench.measure_interleaved(configs[:1])
+    with pytest.raises(ValueError, match=r"unknown keys \['repeats'\]"):
+        headbench.measure_interleaved([{**configs[0], "repeats": 3}, configs[1]])
+
+
+def test_interleaved_pairs_alternate_the_order_inside_each_process():
+    bench = _benchmark_script()
+    seen = []
+    small, large = (
+        {"method": "dense", "num_classes": 10, "repeats": 4},
+        {"method": "dense", "num_classes": 100},
+    )
+
+    def runner(cfg):
+        seen.append([c["num_classes"] for c in cfg["interleave"]])
+        assert cfg["repeats"] == 7 and all("repeats" not in c for c in cfg["interleave"])
+        ms = {10: 50.0, 100: 55.0}
+        return [{**_rec("dense", c["num_classes"], ms[c["num_classes"]], 1), "interleaved": True}
+                for c in cfg["interleave"]]  # fmt: skip
+
+    flat = bench.run_interleaved_pairs(small, large, 3, 7, runner=runner, log=None)
+    assert seen == [[10, 100], [100, 10], [10, 100]]
+    assert [e["time_ratio"] for e in flat] == [pytest.approx(1.1)] * 3 and flat[0]["peak_ratio"] is None
+    t = headbench.check_default_targets([], flat, None, 2**30)["flat_in_classes"]
+    assert t["interleaved"] and t["ok"] and t["small_classes"] == 10 and t["large_classes"] == 100
+    assert (
+        "per process, steps interleaved 1.100, 1.100, 1.100"
+        in headbench.describe_default_targets({"flat_in_classes": t})[0]
+    )
+    # a process that failed gives no ratio, and the others still decide
+    failed = bench.run_interleaved_pairs(
+        small, large, 2, 7, runner=lambda cfg: [{**c, "error": "exit 1"} for c in cfg["interleave"]], log=None
+    )
+    assert [e["time_ratio"] for e in failed] == [None, None]
+
+
+def test_benchmark_worker_runs_an_interleaved_process():
+    bench = _benchmark_script()
+    cfg = {"method": "dense", "sample_rate": 0.1, "embedding_size": 8, "batch_size": 4}
+    recs = bench.run_isolated(
+        {"interleave": [{**cfg, "num_classes": 100}, {**cfg, "num_classes": 1000, "sample_rate": 0.01}],
+         "repeats": 2}
+    )  # fmt: skip
+    assert [(r["num_classes"], r["k"], r["interleaved"]) for r in recs] == [(100, 10, True), (1000, 10, True)]
+    bad = bench.run_isolated({"interleave": [{**cfg, "num_classes": 100, "bogus": 1}] * 2, "repeats": 2})
+    assert all("unknown keys ['bogus']" in r["error"] for r in bad)
