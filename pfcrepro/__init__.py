@@ -8,7 +8,8 @@ imports this package). One job per module:
 * :mod:`pfcrepro.features` -- the feature-level instrument: generated identity worlds, an MLP backbone
   trained through the library's head, in milliseconds per step;
 * :mod:`pfcrepro.stats` -- seed statistics, controls and the verdicts of a claim;
-* :mod:`pfcrepro.classes` -- per-class analysis of a trained head (update counters, center drift and movement);
+* :mod:`pfcrepro.classes` -- per-class analysis of a trained head (update counters, center drift
+  and movement);
 * :mod:`pfcrepro.headbench` -- peak memory and step time of the head alone, each point in a fresh process;
 * :mod:`pfcrepro.nbrun` -- execute a notebook with its ``params.yaml`` section (every DVC stage's command);
 * :mod:`pfcrepro.report` -- what a notebook writes at its end: figures, ``metrics.json``, headline rows;

@@ -191,7 +191,8 @@ def class_analysis(
     """Per-class state of a trained head against its training data, from one checkpoint.
 
     Loads the backbone and the full head (:func:`pfclib.checkpoint.load_head`, whole or sharded:
-    centers ``(C, D)`` and, when the run tracked them, the update counters) and embeds every training image of the synthetic ``dataset``.
+    centers ``(C, D)`` and, when the run tracked them, the update counters) and embeds every
+    training image of the synthetic ``dataset``.
 
     Returns:
         One row per class ``label`` with ``size`` (training images), ``active`` / ``passive`` (the

@@ -563,8 +563,9 @@ def train_tracked(
     * ``passive``: steps in which it was a sampled negative only (pushed: it received a gradient as
       a negative) -- the head's ``active_updates`` / ``passive_updates``;
     * ``moved``: steps in which the class's center actually changed (exact comparison of its row,
-      or with sub-centers any of its K rows, after each optimizer step with its value before it). Recorded only for ``track_classes``
-      (NaN for the others), at the cost of copying those rows once per step. ``None`` tracks the
+      or with sub-centers any of its K rows, after each optimizer step with its value before it).
+      Recorded only for ``track_classes`` (NaN for the others), at the cost of copying those rows
+      once per step. ``None`` tracks the
       :data:`DEFAULT_TRACKED` classes with the fewest samples (ties by label): the tail.
 
     With ``update="dense"`` the optimizer steps the whole center matrix, so momentum and weight

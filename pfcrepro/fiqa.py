@@ -28,8 +28,9 @@ FACTORS = ("blur_sigma", "noise_std", "pose_deg", "occluded")
 def pair_truth(path: str | Path) -> pd.DataFrame:
     """The truth columns of a synthetic data set's pairs (``<path>/pairs`` or the pairs folder):
     one row per pair, ``<factor>_a`` / ``<factor>_b`` for each of :data:`FACTORS`, plus ``index_a``,
-    ``index_b`` (the held-out image of each side) and ``identity_a``, ``identity_b``. Raises ``ValueError`` naming the missing columns
-    when the set was generated without the truth (an older data set)."""
+    ``index_b`` (the held-out image of each side) and ``identity_a``, ``identity_b``. Raises
+    ``ValueError`` naming the missing columns when the set was generated without the truth (an
+    older data set)."""
     from pfclib.data.hf import offline
 
     path = Path(path)

@@ -26,7 +26,8 @@ def repo_root(start: str | os.PathLike | None = None) -> Path:
 
 
 def scratch_dir(name: str = "") -> Path:
-    """A git-ignored folder for throw-away outputs (notebook defaults, nbval runs): ``<root>/scratch/<name>``."""
+    """A git-ignored folder for throw-away outputs (notebook defaults, nbval runs):
+    ``<root>/scratch/<name>``."""
     path = repo_root() / "scratch" / name
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -151,14 +151,17 @@ def comparison_text(
 
 
 def claim_headlines(
-    judged: pd.DataFrame, comparisons: list[Mapping[str, Any]], level: str
+    judged: pd.DataFrame, comparisons: list[Mapping[str, Any]], level: str, skip_missing: bool = False
 ) -> list[dict[str, str]]:
     """Headline rows for the claims of a judged design (:func:`pfcrepro.stats.judge`).
 
-    Every comparison that carries ``claim`` and ``paper`` texts becomes one row: the measured cell by
-    :func:`comparison_text` (arms named by the ``method`` of treatment and baseline, prefixed by
-    ``level``, in the comparison's ``unit`` if it has one), the verdict from ``judged``. Comparisons without a ``claim`` (controls, secondary
-    contrasts) are left out of the README but stay in the notebook's table.
+    Every comparison that carries ``claim`` and ``paper`` texts becomes one row: the measured cell
+    by :func:`comparison_text` (arms named by the ``method`` of treatment and baseline, prefixed by
+    ``level``, in the comparison's ``unit`` if it has one), the verdict from ``judged``.
+    Comparisons without a ``claim`` (controls, secondary contrasts) are left out of the README but
+    stay in the notebook's table. ``skip_missing``: leave out the claims ``judged`` has no row for,
+    as ``judge(..., skip_missing=True)`` left out the comparisons a smaller design does not run; by
+    default a missing row is an error.
     """
     rows = []
     by_name = {r["name"]: r for r in judged.to_dict("records")}
@@ -167,6 +170,13 @@ def claim_headlines(
             continue
         if "paper" not in comp:
             raise ValueError(f"comparison {comp['name']!r} has a claim but no 'paper' text")
+        if comp["name"] not in by_name:
+            if skip_missing:
+                continue
+            raise ValueError(
+                f"claim {comp['name']!r} has no judged row (judged: {sorted(by_name)}); "
+                "pass skip_missing=True if this design does not run it"
+            )
         row = by_name[comp["name"]]
         names = [" ".join(str(v) for v in comp[side].values()) for side in ("treatment", "baseline")]
         rows.append(

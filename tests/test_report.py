@@ -105,3 +105,16 @@ def test_claim_headlines_carry_each_comparisons_unit_and_skip_controls():
     assert "(FNMR gain, %)" in rows[1]["measured"] and rows[1]["verdict"] == "inconclusive"
     with pytest.raises(ValueError, match="no 'paper'"):
         report.claim_headlines(judged, [{"name": "acc claim", "claim": "c", **arms}], "images")
+
+
+def test_claim_headlines_skip_the_claims_a_smaller_design_did_not_judge_only_when_asked():
+    arms = {"treatment": {"method": "t"}, "baseline": {"method": "b"}}
+    comparisons = [
+        {"name": "run claim", "claim": "c1", "paper": "p1", **arms},
+        {"name": "skipped claim", "claim": "c2", "paper": "p2", **arms},
+    ]
+    judged = pd.DataFrame([{**_ROW, "name": "run claim", "verdict": "reproduced"}])
+    with pytest.raises(ValueError, match="claim 'skipped claim' has no judged row.*skip_missing=True"):
+        report.claim_headlines(judged, comparisons, "images")
+    rows = report.claim_headlines(judged, comparisons, "images", skip_missing=True)
+    assert [r["claim"] for r in rows] == ["c1"]
