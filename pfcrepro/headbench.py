@@ -23,6 +23,8 @@ times in milliseconds (``_ms``).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import resource
@@ -76,6 +78,19 @@ def _warm_up(dev: torch.device) -> None:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@dataclasses.dataclass
+class _Built:
+    """A head of :func:`measure` ready to step, with the generator of its random batches."""
+
+    weight: torch.Tensor
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    opt: torch.optim.Optimizer
+    k: int
+    dev: torch.device
+    emb_dtype: torch.dtype
+    gen: torch.Generator
+
+
 def _build(
     method: str,
     num_classes: int,
@@ -85,9 +100,8 @@ def _build(
     chunk_size: int,
     seed: int,
     embedding_dtype: str,
-) -> dict[str, Any]:
-    """One head of :func:`measure` ready to step: its weight, loss function, optimizer, k, device,
-    embedding dtype and the generator of its random batches."""
+) -> _Built:
+    """One head of :func:`measure` ready to step."""
     from pfclib.head import PartialFC
 
     if method not in METHODS:
@@ -123,43 +137,31 @@ def _build(
         opt = head.make_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
         k = head.num_sampled if sample_rate < 1.0 else head.n_local
         loss_fn = head
-    return {
-        "weight": weight,
-        "loss_fn": loss_fn,
-        "opt": opt,
-        "k": k,
-        "dev": dev,
-        "emb_dtype": emb_dtype,
-        "gen": torch.Generator().manual_seed(seed),
-    }
+    return _Built(weight, loss_fn, opt, k, dev, emb_dtype, torch.Generator().manual_seed(seed))
 
 
-def _step(
-    built: dict[str, Any], num_classes: int, batch_size: int, embedding_size: int
-) -> tuple[float, Tensor]:
+def _step(built: _Built, num_classes: int, batch_size: int, embedding_size: int) -> tuple[float, Tensor]:
     """One timed training step of a :func:`_build` head on a fresh random batch: (seconds, loss)."""
-    dev, gen = built["dev"], built["gen"]
-    x = torch.randn(batch_size, embedding_size, generator=gen).to(dev, built["emb_dtype"]).requires_grad_()
+    dev, gen = built.dev, built.gen
+    x = torch.randn(batch_size, embedding_size, generator=gen).to(dev, built.emb_dtype).requires_grad_()
     y = torch.randint(num_classes, (batch_size,), generator=gen).to(dev)
     cuda = dev.type == "cuda"
     if cuda:
         torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
-    loss = built["loss_fn"](x, y)
+    loss = built.loss_fn(x, y)
     loss.backward()
-    built["opt"].step()
-    built["opt"].zero_grad(set_to_none=True)
+    built.opt.step()
+    built.opt.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize(dev)
     return time.perf_counter() - t0, loss
 
 
-def _record(
-    built: dict[str, Any], times: list[float], loss: Tensor, config: Mapping[str, Any]
-) -> dict[str, Any]:
+def _record(built: _Built, times: list[float], loss: Tensor, config: Mapping[str, Any]) -> dict[str, Any]:
     """The fields :func:`measure` and :func:`measure_interleaved` share: configuration, k, step
     times (ms), the compute floor, the bytes of the centers and of centers + optimizer state."""
-    weight, opt, dev = built["weight"], built["opt"], built["dev"]
+    weight, opt, dev = built.weight, built.opt, built.dev
     method = config["method"]
     state_bytes = sum(
         v.numel() * v.element_size()
@@ -171,7 +173,7 @@ def _record(
         "method": method,
         "num_classes": config["num_classes"],
         "sample_rate": 1.0 if method == "linear" else config["sample_rate"],
-        "k": built["k"],
+        "k": built.k,
         "embedding_size": config["embedding_size"],
         "batch_size": config["batch_size"],
         "device": str(dev),
@@ -179,7 +181,7 @@ def _record(
         "step_ms": 1e3 * statistics.median(times),
         "step_ms_min": 1e3 * min(times),
         "step_ms_all": [1e3 * t for t in times],
-        "floor_ms": _compute_floor_ms(config["batch_size"], built["k"], config["embedding_size"], dev),
+        "floor_ms": _compute_floor_ms(config["batch_size"], built.k, config["embedding_size"], dev),
         "model_bytes": int(weight.numel() * weight.element_size() + state_bytes),
         "centers_bytes": int(weight.numel() * weight.element_size()),
         "chunk_size": config["chunk_size"] if method == "chunked" else None,
@@ -249,23 +251,26 @@ def measure_interleaved(
     first config's seed seeds torch's global generator."""
     if len(configs) < 2:
         raise ValueError(f"measure_interleaved needs at least 2 configs to compare, got {len(configs)}")
-    defaults = {"embedding_size": 512, "batch_size": 128, "device": "cpu", "chunk_size": 4096, "seed": 0,
-                "embedding_dtype": "float32"}  # fmt: skip
+    params = inspect.signature(measure).parameters
+    defaults = {n: p.default for n, p in params.items() if p.default is not p.empty}
+    for per_process in ("repeats", "warmup"):
+        del defaults[per_process]
+    required = {n for n, p in params.items() if p.default is p.empty}
     full = []
     for cfg in configs:
-        unknown = set(cfg) - set(defaults) - {"method", "num_classes", "sample_rate"}
-        if unknown:
-            raise ValueError(f"unknown keys {sorted(unknown)} in config {dict(cfg)!r}")
+        unknown, missing = set(cfg) - set(defaults) - required, required - set(cfg)
+        if unknown or missing:
+            raise ValueError(
+                f"config {dict(cfg)!r}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
+                f"expected {sorted(required)} and optionally {sorted(defaults)}"
+            )
         full.append({**defaults, **cfg})
     devices = {c["device"] for c in full}
     for dev in devices:
         _warm_up(torch.device(dev))
     torch.manual_seed(full[0]["seed"])
-    built = [
-        _build(c["method"], c["num_classes"], c["sample_rate"], c["embedding_size"], c["device"],
-               c["chunk_size"], c["seed"], c["embedding_dtype"])
-        for c in full
-    ]  # fmt: skip
+    build_args = inspect.signature(_build).parameters
+    built = [_build(**{n: c[n] for n in build_args}) for c in full]
     times: list[list[float]] = [[] for _ in full]
     losses: list[Tensor | None] = [None] * len(full)
     for i in range(warmup + repeats):

@@ -282,6 +282,10 @@ def test_measure_interleaved_steps_each_head_and_matches_separate_builds():
         headbench.measure_interleaved(configs[:1])
     with pytest.raises(ValueError, match=r"unknown keys \['repeats'\]"):
         headbench.measure_interleaved([{**configs[0], "repeats": 3}, configs[1]])
+    with pytest.raises(ValueError, match=r"missing keys \['num_classes'\]"):
+        headbench.measure_interleaved(
+            [{k: v for k, v in configs[0].items() if k != "num_classes"}, configs[1]]
+        )
 
 
 def test_interleaved_pairs_alternate_the_order_inside_each_process():
