@@ -107,22 +107,30 @@ def _config(args: argparse.Namespace, method: str, num_classes: int, sample_rate
     }
 
 
+def _pair_entry(a: dict[str, Any], b: dict[str, Any], with_peak: bool = True) -> dict[str, Any]:
+    """One comparison of :func:`run_pairs` / :func:`run_interleaved_pairs`: both records,
+    ``time_ratio`` (b's step time / a's) and ``peak_ratio`` (b's peak / a's, None without peaks);
+    the ratios are None when either run failed."""
+    entry: dict[str, Any] = {"first": a, "second": b, "time_ratio": None, "peak_ratio": None}
+    if "error" not in a and "error" not in b:
+        entry["time_ratio"] = b["step_ms"] / a["step_ms"]
+        if with_peak:
+            entry["peak_ratio"] = b["peak_bytes"] / a["peak_bytes"]
+    return entry
+
+
 def run_pairs(
     first: dict[str, Any], second: dict[str, Any], pairs: int, runner=run_isolated, log=print
 ) -> list[dict[str, Any]]:
     """``pairs`` pairs of fresh-process measurements of two configurations, alternating which runs
-    first (A B, B A, ...) so that a drift of the machine's speed hits both alike. Each entry holds
-    both records, ``time_ratio`` (second's step time / first's) and ``peak_ratio`` (second's peak /
-    first's); the ratios are None when either run failed."""
+    first (A B, B A, ...) so that a drift of the machine's speed hits both alike. Entries: see
+    :func:`_pair_entry` (a = first, b = second)."""
     out = []
     for i in range(pairs):
         order = (first, second) if i % 2 == 0 else (second, first)
         recs = {id(cfg): runner(cfg) for cfg in order}
         a, b = recs[id(first)], recs[id(second)]
-        entry: dict[str, Any] = {"first": a, "second": b, "time_ratio": None, "peak_ratio": None}
-        if "error" not in a and "error" not in b:
-            entry["time_ratio"] = b["step_ms"] / a["step_ms"]
-            entry["peak_ratio"] = b["peak_bytes"] / a["peak_bytes"]
+        entry = _pair_entry(a, b)
         out.append(entry)
         if log is not None:
             shown = (
@@ -146,15 +154,11 @@ def run_interleaved_pairs(
     between processes). Entries as :func:`run_pairs`'s, ``time_ratio`` from the one process and
     ``peak_ratio`` None (a process holding both heads has no peak of either)."""
     out = []
-    strip = ("repeats",)
+    both = [{k: v for k, v in c.items() if k != "repeats"} for c in (first, second)]
     for i in range(pairs):
-        a_cfg, b_cfg = ({k: v for k, v in c.items() if k not in strip} for c in (first, second))
-        order = [a_cfg, b_cfg] if i % 2 == 0 else [b_cfg, a_cfg]
-        recs = runner({"interleave": order, "repeats": repeats})
-        a, b = (recs[0], recs[1]) if i % 2 == 0 else (recs[1], recs[0])
-        entry: dict[str, Any] = {"first": a, "second": b, "time_ratio": None, "peak_ratio": None}
-        if "error" not in a and "error" not in b:
-            entry["time_ratio"] = b["step_ms"] / a["step_ms"]
+        flip = slice(None, None, 1 if i % 2 == 0 else -1)
+        a, b = runner({"interleave": both[flip], "repeats": repeats})[flip]
+        entry = _pair_entry(a, b, with_peak=False)
         out.append(entry)
         if log is not None:
             log(

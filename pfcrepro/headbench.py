@@ -80,7 +80,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclasses.dataclass
 class _Built:
-    """A head of :func:`measure` ready to step, with the generator of its random batches."""
+    """A head of :func:`measure` ready to step, with the shape and generator of its random batches."""
 
     weight: torch.Tensor
     loss_fn: Callable[[Tensor, Tensor], Tensor]
@@ -89,6 +89,9 @@ class _Built:
     dev: torch.device
     emb_dtype: torch.dtype
     gen: torch.Generator
+    num_classes: int
+    batch_size: int
+    embedding_size: int
 
 
 def _build(
@@ -96,6 +99,7 @@ def _build(
     num_classes: int,
     sample_rate: float,
     embedding_size: int,
+    batch_size: int,
     device: str,
     chunk_size: int,
     seed: int,
@@ -137,14 +141,15 @@ def _build(
         opt = head.make_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
         k = head.num_sampled if sample_rate < 1.0 else head.n_local
         loss_fn = head
-    return _Built(weight, loss_fn, opt, k, dev, emb_dtype, torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    return _Built(weight, loss_fn, opt, k, dev, emb_dtype, gen, num_classes, batch_size, embedding_size)
 
 
-def _step(built: _Built, num_classes: int, batch_size: int, embedding_size: int) -> tuple[float, Tensor]:
+def _step(built: _Built) -> tuple[float, Tensor]:
     """One timed training step of a :func:`_build` head on a fresh random batch: (seconds, loss)."""
-    dev, gen = built.dev, built.gen
-    x = torch.randn(batch_size, embedding_size, generator=gen).to(dev, built.emb_dtype).requires_grad_()
-    y = torch.randint(num_classes, (batch_size,), generator=gen).to(dev)
+    dev, gen, shape = built.dev, built.gen, (built.batch_size, built.embedding_size)
+    x = torch.randn(shape, generator=gen).to(dev, built.emb_dtype).requires_grad_()
+    y = torch.randint(built.num_classes, (built.batch_size,), generator=gen).to(dev)
     cuda = dev.type == "cuda"
     if cuda:
         torch.cuda.synchronize(dev)
@@ -221,11 +226,19 @@ def measure(
     _warm_up(dev)  # load torch's lazily initialised kernels/threads so they are not counted as the head's
     rss_before = _rss_bytes()
     built = _build(
-        method, num_classes, sample_rate, embedding_size, device, chunk_size, seed, embedding_dtype
+        method,
+        num_classes,
+        sample_rate,
+        embedding_size,
+        batch_size,
+        device,
+        chunk_size,
+        seed,
+        embedding_dtype,
     )
     times = []
     for i in range(warmup + repeats):
-        seconds, loss = _step(built, num_classes, batch_size, embedding_size)
+        seconds, loss = _step(built)
         if i >= warmup:
             times.append(seconds)
     if cuda:
@@ -276,9 +289,7 @@ def measure_interleaved(
     for i in range(warmup + repeats):
         order = range(len(full)) if i % 2 == 0 else reversed(range(len(full)))
         for j in order:
-            seconds, losses[j] = _step(
-                built[j], full[j]["num_classes"], full[j]["batch_size"], full[j]["embedding_size"]
-            )
+            seconds, losses[j] = _step(built[j])
             if i >= warmup:
                 times[j].append(seconds)
     return [
