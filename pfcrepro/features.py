@@ -623,6 +623,17 @@ def train_tracked(
     return result, per_class
 
 
+_WORKER_WORLDS: dict[str, World] = {}
+"""The worlds a worker process of :func:`run_design` has built, by their fields (one pool's life)."""
+
+
+def _train_in_worker(fields: Mapping[str, Any], settings: TrainSettings) -> dict[str, Any]:
+    key = repr(sorted(FeatureWorld.from_dict(fields).to_dict().items()))
+    if key not in _WORKER_WORLDS:
+        _WORKER_WORLDS[key] = make_world(fields)
+    return train(_WORKER_WORLDS[key], settings)
+
+
 def run_design(
     worlds: Mapping[str, Mapping[str, Any]],
     arms: Mapping[str, Mapping[str, Any]],
@@ -630,20 +641,28 @@ def run_design(
     seeds: Sequence[int],
     base: Mapping[str, Any],
     log: Callable[[str], None] | None = print,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """Train every (world, arm) cell with every seed; one row per run.
 
     Args:
-        worlds: ``{condition name: FeatureWorld fields}``; each world is generated once.
+        worlds: ``{condition name: FeatureWorld fields}``; each world is generated once (once per
+            worker process with ``workers > 1``; a world is a pure function of its fields).
         arms: ``{method name: TrainSettings overrides}`` (e.g. ``{"sample_rate": 0.1}``).
         cells: the ``[condition, method]`` pairs to run; ``None`` runs every combination.
         seeds: the seed goes to :attr:`TrainSettings.seed`; runs with one seed share the backbone
             initialisation, the centers' initialisation and the data order (a paired design).
         base: :class:`TrainSettings` fields shared by all runs.
+        workers: how many runs train at once (:func:`pfcrepro.workers.run_jobs`): ``1`` in this
+            process; more in that many processes, each with its share of the cores. A run's numbers
+            depend on its thread count, so keep ``workers`` fixed within one design.
 
     Returns:
-        Columns ``condition``, ``method``, ``seed`` and those of :func:`train`.
+        Columns ``condition``, ``method``, ``seed`` and those of :func:`train`, in the order of
+        ``cells`` then ``seeds``.
     """
+    from pfcrepro.workers import run_jobs
+
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be a non-empty list of distinct integers, got {list(seeds)}")
     cells = [(c, m) for c in worlds for m in arms] if cells is None else [tuple(x) for x in cells]
@@ -653,22 +672,41 @@ def run_design(
                 f"cell {list(cell)!r} must be [condition, method] with a condition of {list(worlds)} "
                 f"and a method of {list(arms)}"
             )
-    rows = []
+    runs = [(i, c, m, int(seed)) for i, (c, m) in enumerate(cells) for seed in seeds]
+    settings = [TrainSettings.from_dict({**base, **arms[m], "seed": seed}) for _, _, m, seed in runs]
     built: dict[str, World] = {}
-    for i, (condition, method) in enumerate(cells):
+
+    def here(condition: str, s: TrainSettings) -> dict[str, Any]:
         if condition not in built:
             built[condition] = make_world(worlds[condition])
-        for seed in seeds:
-            settings = TrainSettings.from_dict({**base, **arms[method], "seed": int(seed)})
-            res = train(built[condition], settings)
-            rows.append({"condition": condition, "method": method, "seed": int(seed), **res})
-            if log is not None:
-                log(
-                    f"[cell {i + 1}/{len(cells)}] {condition} / {method} / seed {seed}: acc {res['acc']:.4f} "
-                    f"TAR@1e-3 {res['tar@1e-3'] if res['tar@1e-3'] is None else round(res['tar@1e-3'], 4)} "
-                    f"({res['train_s']:.0f} s)"
-                )
-    return pd.DataFrame(rows)
+        return train(built[condition], s)
+
+    if workers == 1:
+        fn, jobs = here, [(c, s) for (_, c, _, _), s in zip(runs, settings, strict=True)]
+    else:
+        for c in {c for _, c, _, _ in runs}:
+            FeatureWorld.from_dict(worlds[c])  # bad fields are said here, not in a worker
+        fn = _train_in_worker
+        jobs = [(dict(worlds[c]), s) for (_, c, _, _), s in zip(runs, settings, strict=True)]
+
+    def report(j: int, res: dict[str, Any]) -> None:
+        if log is None:
+            return
+        i, condition, method, seed = runs[j]
+        tar = res["tar@1e-3"]
+        log(
+            f"[cell {i + 1}/{len(cells)}] {condition} / {method} / seed {seed}: acc {res['acc']:.4f} "
+            f"TAR@1e-3 {tar if tar is None else round(tar, 4)} ({res['train_s']:.0f} s)"
+        )
+
+    names = [f"{c} / {m} / seed {seed}" for _, c, m, seed in runs]
+    results = run_jobs(fn, jobs, workers, on_done=report, names=names)
+    return pd.DataFrame(
+        [
+            {"condition": c, "method": m, "seed": seed, **res}
+            for (_, c, m, seed), res in zip(runs, results, strict=True)
+        ]
+    )
 
 
 def describe_world(world: World) -> dict[str, Any]:

@@ -1,11 +1,11 @@
-"""Designs of training runs and the in-process trial runner: the one job of this module is to turn a
+"""Designs of training runs and the trial runner: the one job of this module is to turn a
 base configuration and named factors into finished runs, one tidy table row per run.
 
 * :func:`factorial` builds the cartesian product of named factors (each level a set of dotted
   :class:`~pfclib.config.TrainConfig` overrides) times seeds, as a list of :class:`Trial`;
-* :func:`run_trials` trains each one in this process with :func:`pfclib.train.training_function`
-  and returns one ``pandas.DataFrame`` row per run (:func:`flatten_training_metrics` names the
-  columns);
+* :func:`run_trials` trains each one with :func:`pfclib.train.training_function`, in this process
+  or in several worker processes side by side, and returns one ``pandas.DataFrame`` row per run
+  (:func:`flatten_training_metrics` names the columns);
 * :func:`ensure_dataset` returns a notebook's synthetic data set: built by DVC, or generated at the
   notebook's tiny defaults.
 
@@ -123,6 +123,12 @@ def flatten_training_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _timed(train_fn: Callable[[Any], Mapping[str, Any]], config: Any) -> tuple[Mapping[str, Any], float]:
+    t0 = time.perf_counter()
+    metrics = train_fn(config)
+    return metrics, time.perf_counter() - t0
+
+
 def run_trials(
     base: Mapping[str, Any] | Any,
     trials: Sequence[Trial],
@@ -130,8 +136,9 @@ def run_trials(
     train_fn: Callable[[Any], Mapping[str, Any]] | None = None,
     extra: Callable[[Trial, Mapping[str, Any], Any], Mapping[str, Any]] | None = None,
     log: Callable[[str], None] | None = print,
+    workers: int = 1,
 ) -> pd.DataFrame:
-    """Train every trial in this process, one after another; return one row per trial.
+    """Train every trial; return one row per trial, in the order of ``trials``.
 
     Args:
         base: the base configuration, a :class:`~pfclib.config.TrainConfig` or a plain (nested) dict.
@@ -140,16 +147,27 @@ def run_trials(
             ``log.csv``); relative paths (here and in ``base``) are resolved from the repository root.
         train_fn: ``fn(TrainConfig) -> metrics dict``; default :func:`pfclib.train.training_function`.
         extra: optional ``fn(trial, metrics, config) -> {column: value}`` computing more columns from a
-            finished run (e.g. reading its checkpoint).
+            finished run (e.g. reading its checkpoint); always called in this process.
         log: where to report progress (``None``: silent).
+        workers: how many runs train at once (:func:`pfcrepro.workers.run_jobs`). ``1`` trains them
+            one after another in this process; more starts that many processes, each with its share
+            of the cores. ``train_fn`` must then be importable (defined at module level) and its
+            result picklable. A run's numbers depend on its thread count, so keep ``workers`` fixed
+            within one design.
+
+    Raises:
+        ValueError: colliding output folders (two trials with the same tags) or a bad ``workers``.
+        Exception: whatever a run raised, with a note naming its trial.
 
     Returns:
         A DataFrame with the tag columns (factor levels and ``seed``), the columns of
         :func:`flatten_training_metrics`, ``output_dir``, ``wall_s`` (wall-clock seconds of the run,
-        data loading and evaluation included) and those of ``extra``.
+        data loading and evaluation included; with ``workers > 1`` runs share the cores) and those of
+        ``extra``.
     """
     from pfclib.config import TrainConfig, apply_overrides
     from pfcrepro.paths import repo_root
+    from pfcrepro.workers import run_jobs
 
     if train_fn is None:
         from pfclib.train import training_function as train_fn
@@ -158,25 +176,37 @@ def run_trials(
     dupes = sorted({s for s in slugs if slugs.count(s) > 1})
     if dupes:
         raise ValueError(f"trials must have distinct tags; these would share an output folder: {dupes}")
-    rows = []
-    for i, trial in enumerate(trials):
+    configs = []
+    for trial in trials:
         overrides = {**trial.overrides, "output_dir": str(Path(out_root) / trial.slug)}
         config = TrainConfig.from_dict(apply_overrides(base_dict, overrides))
-        config = config.resolve_paths(repo_root())  # params.yaml's paths are relative to the repository
-        t0 = time.perf_counter()
-        metrics = train_fn(config)
-        wall = time.perf_counter() - t0
+        # params.yaml's paths are relative to the repository
+        configs.append(config.resolve_paths(repo_root()))
+
+    rows: list[dict[str, Any] | None] = [None] * len(trials)
+
+    def finish(i: int, metrics: Mapping[str, Any], wall: float) -> None:
+        trial, config = trials[i], configs[i]
         row = {**trial.tags, **flatten_training_metrics(metrics), "output_dir": config.output_dir}
         row["wall_s"] = wall
         if extra is not None:
             row.update(extra(trial, metrics, config))
-        rows.append(row)
+        rows[i] = row
         if log is not None:
+            done = sum(r is not None for r in rows)
             shown = ", ".join(f"{k}={v}" for k, v in trial.tags.items())
             acc = [f"{k}={v:.4f}" for k, v in row.items() if k.endswith(".acc")]
             log(
-                f"[{i + 1}/{len(trials)}] {shown}: {wall:.1f} s, loss {row.get('final_loss_avg', float('nan')):.3f} {' '.join(acc)}"
+                f"[{done}/{len(trials)}] {shown}: {wall:.1f} s, loss {row.get('final_loss_avg', float('nan')):.3f} {' '.join(acc)}"
             )
+
+    run_jobs(
+        _timed,
+        [(train_fn, config) for config in configs],
+        workers,
+        on_done=lambda i, result: finish(i, *result),
+        names=slugs,
+    )
     return pd.DataFrame(rows)
 
 

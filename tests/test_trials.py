@@ -93,6 +93,91 @@ def test_run_trials_rejects_colliding_output_folders(tmp_path):
         trials.run_trials({"max_steps": 1}, design, tmp_path, train_fn=_fake_metrics, log=None)
 
 
+def _fake_in_worker(config):
+    """Module level, so a spawned worker can import it; reports where and how it ran."""
+    import os
+
+    import torch
+
+    if config.seed == 99:
+        raise ValueError("seed 99 is cursed")
+    return {**_fake_metrics(config), "pid": os.getpid(), "threads": torch.get_num_threads()}
+
+
+def _where(trial, metrics, config):
+    return {"pid": metrics["pid"], "threads": metrics["threads"]}
+
+
+def test_run_trials_in_workers_keeps_the_order_and_sets_threads(tmp_path):
+    import os
+
+    from pfcrepro.workers import threads_per_worker
+
+    design = trials.factorial(
+        {"method": {"full": {"head.sample_rate": 1.0}, "pfc": {"head.sample_rate": 0.1}}}, [0, 1, 2]
+    )
+    base = {"backbone": "iresnet_tiny", "image_size": 32, "embedding_size": 16, "max_steps": 3}
+    lines = []
+    df = trials.run_trials(
+        base, design, tmp_path / "runs", train_fn=_fake_in_worker, extra=_where, log=lines.append, workers=2
+    )
+    # rows follow the design, not the order in which runs finished
+    assert list(df["method"]) == ["full"] * 3 + ["pfc"] * 3 and list(df["seed"]) == [0, 1, 2] * 2
+    np.testing.assert_allclose(df["pairs.acc"], [0.75, 0.76, 0.77, 0.525, 0.535, 0.545], rtol=0, atol=1e-12)
+    assert list(df["output_dir"]) == [str(tmp_path / "runs" / t.slug) for t in design]
+    # two fresh processes, each with its share of the cores
+    assert os.getpid() not in set(df["pid"]) and 1 <= df["pid"].nunique() <= 2
+    assert (df["threads"] == threads_per_worker(2)).all()
+    assert len(lines) == 6 and lines[-1].startswith("[6/6]")
+
+
+def test_run_trials_in_workers_names_the_failed_trial(tmp_path):
+    design = trials.factorial({"m": {"a": {}}}, [0, 99])
+    for workers in (1, 2):
+        with pytest.raises(ValueError, match="seed 99 is cursed") as info:
+            trials.run_trials(
+                {"max_steps": 1}, design, tmp_path, train_fn=_fake_in_worker, log=None, workers=workers
+            )
+        assert any("m-a_seed-99" in note for note in info.value.__notes__)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="workers must be a positive integer"):
+            trials.run_trials(
+                {"max_steps": 1}, design, tmp_path, train_fn=_fake_metrics, log=None, workers=bad
+            )
+
+
+def test_a_real_run_in_a_worker_equals_the_same_run_in_this_process(tmp_path):
+    """One-thread workers give the numbers of the same runs trained here on one thread."""
+    import torch
+
+    from pfcrepro.workers import available_cores
+
+    data = trials.ensure_dataset(
+        tmp_path / "data", {**TINY_DATA, "heldout_images_per_identity": 3, "num_pairs": 20}
+    )
+    base = {
+        "backbone": "mobilefacenet_tiny", "embedding_size": 8, "image_size": 16, "max_steps": 4,
+        "device": "cpu", "data": {"kind": "synthetic", "path": str(data), "batch_size": 6},
+        "head": {"margin": {"name": "cosface", "s": 16.0, "m": 0.2}},
+        "eval": {"verification": [str(data / "pairs")]},
+        "log": {"csv": False, "tensorboard": False, "progress": "off"}, "checkpoint": {"at_end": False},
+    }  # fmt: skip
+    design = trials.factorial(
+        {"r": {"full": {"head.sample_rate": 1.0}, "half": {"head.sample_rate": 0.5}}}, [1]
+    )
+    workers = max(2, available_cores())  # one thread each
+    here_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = trials.run_trials(base, design, tmp_path / "here", log=None)
+    finally:
+        torch.set_num_threads(here_threads)
+    there = trials.run_trials(base, design, tmp_path / "there", log=None, workers=workers)
+    cols = ["final_loss", "final_loss_avg", "pairs.acc", "pairs.auc"]
+    np.testing.assert_array_equal(here[cols].to_numpy(), there[cols].to_numpy())
+    assert here["final_loss"].iloc[0] != here["final_loss"].iloc[1]  # the two arms did differ
+
+
 TINY_DATA = {"num_identities": 12, "images_per_identity": 3, "heldout_identities": 4, "num_pairs": 8,
              "heldout_images_per_identity": 2, "image_size": 16, "seed": 3}  # fmt: skip
 
