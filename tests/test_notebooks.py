@@ -177,10 +177,11 @@ def test_stage_deps_cover_every_module_the_notebook_imports(path):
     name, stage = stage_for(path)
     tree = notebook_tree(path)
     required = import_closure({"pfcrepro.nbrun", *imported_modules(tree, top_level_only=False)})
-    if "run_trials(" in ast.unparse(tree):
+    source = ast.unparse(tree)
+    if "run_trials(" in source:
         # a notebook that trains runs the trainer, which imports its parts inside functions
         required |= import_closure({"pfclib.train"}, top_level_only=False)
-    if "run_trials(" in ast.unparse(tree) or "run_design(" in ast.unparse(tree):
+    if "run_trials(" in source or "run_design(" in source:
         required |= import_closure({"pfcrepro.workers"})  # both runners hand their runs to it
     missing = uncovered(required, stage["deps"])
     assert not missing, f"stage {name} imports {missing} but does not list them in deps"
